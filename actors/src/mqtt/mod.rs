@@ -1,0 +1,217 @@
+//! The MQTT gateway: devices speak MQTT 3.1.1 and 5.0 (detected from CONNECT) to one
+//! [`session::MqttSession`] actor per connection.
+//!
+//! * [`codec`] wraps the `rmqtt-codec` crate: the only module that names it.
+//! * [`topic`] validates topic names and filters and matches them (pure).
+//! * [`trie`] is the filter trie used by the subscription shards (pure).
+//! * [`shard::SubscriptionShard`] answers "which queues does this topic go to".
+//! * [`registry::ClientRegistry`] owns client-id takeover, persistent sessions,
+//!   session expiry and delayed wills.
+//! * [`retain::RetainStore`] keeps retained messages in the compacted KvStore.
+//! * [`session::MqttSession`] is the connection: protocol state, in-flight window,
+//!   per-queue read offsets; it pulls from storage on arrival hints.
+
+pub mod codec;
+pub mod inflight;
+pub mod registry;
+pub mod retain;
+pub mod session;
+pub mod shard;
+pub mod topic;
+pub mod trie;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::storage::{Message, Position, Storage, StorageError};
+
+/// Settings of the MQTT gateway (the `[mqtt]` section of the config).
+#[derive(Clone, Debug)]
+pub struct MqttConfig {
+    /// Largest packet accepted from a client, and advertised as Maximum Packet Size (v5).
+    pub max_packet_size: u32,
+    /// Receive Maximum advertised to v5 clients: QoS 1/2 publishes a client may have
+    /// unacknowledged towards us.
+    pub receive_maximum: u16,
+    /// Outbound in-flight window (QoS 1/2 messages sent and not yet acknowledged),
+    /// further limited by the client's own Receive Maximum.
+    pub max_inflight: u16,
+    /// Topic Alias Maximum advertised to v5 clients (inbound aliases).
+    pub topic_alias_maximum: u16,
+    /// Most levels a topic name or filter may have.
+    pub max_topic_levels: usize,
+    /// Longest client id accepted.
+    pub max_client_id_len: usize,
+    /// Seconds a new connection may take to send CONNECT.
+    pub connect_timeout_secs: u64,
+    /// Keep-alive the server imposes when a client asks for 0 or more than this (v5 Server
+    /// Keep Alive); 0 leaves the client's value alone.
+    pub max_keepalive_secs: u16,
+    /// Upper bound for Session Expiry Interval (v5) and for clean-session=0 (v3) sessions.
+    pub max_session_expiry_secs: u32,
+    /// Messages per pull from a queue.
+    pub pull_batch: usize,
+    /// Bytes queued for the socket before the session stops pulling (write back-pressure).
+    pub max_write_buffer: usize,
+    /// Whether retained messages are supported.
+    pub retain_available: bool,
+    /// Max retained messages (0 = unlimited).
+    pub max_retained: usize,
+    /// Subscription shards (sharded by first-level topic).
+    pub subscription_shards: usize,
+    /// Allow clients to connect with an empty client id (a server id is assigned).
+    pub allow_empty_client_id: bool,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            max_packet_size: 1024 * 1024,
+            receive_maximum: 1024,
+            max_inflight: 256,
+            topic_alias_maximum: 64,
+            max_topic_levels: 32,
+            max_client_id_len: 256,
+            connect_timeout_secs: 10,
+            max_keepalive_secs: 0,
+            max_session_expiry_secs: 7 * 24 * 3600,
+            pull_batch: 256,
+            max_write_buffer: 256 * 1024,
+            retain_available: true,
+            max_retained: 1_000_000,
+            subscription_shards: 4,
+            allow_empty_client_id: true,
+        }
+    }
+}
+
+/// A running MQTT gateway: the shared actors that every session talks to.
+/// Cheap to clone; hand a clone to each IO arbiter.
+#[derive(Clone)]
+pub struct Gateway {
+    pub(crate) inner: Arc<GatewayInner>,
+}
+
+pub(crate) struct GatewayInner {
+    pub cfg: MqttConfig,
+    pub storage: Storage,
+    pub registry: Addr<registry::ClientRegistry>,
+    pub shards: Vec<Addr<shard::SubscriptionShard>>,
+    pub retain: Addr<retain::RetainStore>,
+    /// Bumped by every subscription shard whenever its filter set changes; sessions
+    /// cache topic→queues routes and re-ask the shards only when it moves.
+    pub route_epoch: Arc<AtomicU64>,
+    /// Source of unique watcher ids and server-assigned client ids.
+    pub next_id: AtomicU64,
+    pub log: slog::Logger,
+}
+
+impl Gateway {
+    /// Start the registry, shards and retained store, and restore persistent sessions.
+    /// Call from inside a running actix System.
+    pub async fn start(
+        cfg: MqttConfig,
+        storage: Storage,
+        log: slog::Logger,
+    ) -> Result<Gateway, crate::storage::StorageError> {
+        let route_epoch = Arc::new(AtomicU64::new(0));
+        let shards: Vec<_> = (0..cfg.subscription_shards.max(1))
+            .map(|i| {
+                shard::SubscriptionShard::new(i, route_epoch.clone(), log.clone()).start()
+            })
+            .collect();
+        let retain = retain::RetainStore::load(&storage, &cfg, log.clone())
+            .await?
+            .start();
+        let registry = registry::ClientRegistry::new(storage.clone(), log.clone()).start();
+        let gw = Gateway {
+            inner: Arc::new(GatewayInner {
+                cfg,
+                storage,
+                registry: registry.clone(),
+                shards,
+                retain,
+                route_epoch,
+                next_id: AtomicU64::new(1),
+                log,
+            }),
+        };
+        registry
+            .send(registry::Restore { gateway: gw.clone() })
+            .await
+            .map_err(|_| crate::storage::StorageError::Closed)??;
+        Ok(gw)
+    }
+
+    /// Serve one accepted connection. Must be called on the arbiter that should run the
+    /// session (the IO arbiter that owns `io`).
+    pub fn accept<S>(&self, io: S, peer: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        session::MqttSession::spawn(self.clone(), io, peer);
+    }
+
+    /// Number of live MQTT connections.
+    pub async fn connections(&self) -> usize {
+        self.inner
+            .registry
+            .send(registry::Count)
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Persist every live session's state and stop accepting work. Storage is shut down
+    /// separately, after this.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.registry.send(registry::Shutdown).await;
+    }
+
+    /// Publish a message from inside the node (wills, extensions): the same route,
+    /// retain and append steps as a device's PUBLISH.
+    pub async fn publish(&self, message: Message) -> Result<Position, PublishError> {
+        let shards = &self.inner.shards;
+        let shard = &shards[shard::shard_of(topic::first_level(&message.topic), shards.len())];
+        let queues = shard
+            .send(shard::Route {
+                topics: vec![message.topic.clone()],
+            })
+            .await
+            .map_err(|_| PublishError::Closed)?
+            .pop()
+            .unwrap_or_default();
+        if message.retain && self.inner.cfg.retain_available {
+            self.inner
+                .retain
+                .send(retain::SetRetained {
+                    message: message.clone(),
+                })
+                .await
+                .map_err(|_| PublishError::Closed)??;
+        }
+        Ok(self.inner.storage.append(message, queues).await?)
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn config(&self) -> &MqttConfig {
+        &self.inner.cfg
+    }
+}
+
+/// Why a publish from inside the node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("the gateway is stopping")]
+    Closed,
+    #[error(transparent)]
+    Retain(#[from] retain::RetainError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}

@@ -1,0 +1,1546 @@
+//! `MqttSession`: one device connection, from CONNECT to close.
+//!
+//! * **Owns** the protocol state of one client: negotiated version, keep-alive, will,
+//!   topic aliases, its subscriptions and their read offsets (one queue per
+//!   subscription), the outbound in-flight window, and inbound QoS 2 packet ids.
+//! * **Handles** [`Frames`] and [`ReadEnded`] (its reader task), [`Drained`] (its writer
+//!   task), [`Arrived`] (a `Notifier`: new entries in a queue it watches), [`Takeover`]
+//!   and [`ServerShutdown`] (the `ClientRegistry`).
+//! * **Inbound path.** Packets go through one ordered pipeline: consecutive PUBLISHes are
+//!   routed (cached routes, re-asked from the `SubscriptionShard`s when the route epoch
+//!   moves) and appended to the `CommitLog` as a batch; acknowledgements (PUBACK, PUBREC)
+//!   are written only when the batch is durable. SUBSCRIBE, UNSUBSCRIBE and PUBREL wait
+//!   for the publishes before them, so a client sees its own effects in order.
+//! * **Outbound path.** On an arrival hint the session pulls from the queue, at most as
+//!   many messages as its in-flight window (QoS 1/2) and its write buffer allow, and
+//!   writes them. Nothing is buffered per session beyond one pull.
+//! * **Back-pressure.** Inbound: the reader task takes a semaphore permit per PUBLISH
+//!   and stops reading the socket when the pipeline is full, so a fast publisher is
+//!   paced by storage through TCP. Outbound: the writer task counts unwritten bytes;
+//!   above `max_write_buffer` the session stops pulling until the writer reports
+//!   `Drained`, so a slow subscriber leaves its backlog in the log, not in memory.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_codec::Decoder;
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::codec::{
+    ConnAck, Connect, DecodeFailure, Encoder, Inbound, MqttDecoder, OutPublish, Proto, Publish,
+    SubOpts, Will,
+};
+use super::inflight::{Inflight, InflightEntry};
+use super::registry::{self, qos2_key, session_key, Register, SessionState, SubState, Unregister};
+use super::retain::{expiry_left, MatchRetained, SetRetained};
+use super::shard::{shard_of, shards_for_filter, AddRoute, Route, RouteKind};
+use super::topic::{self, first_level, parse_filter};
+use super::Gateway;
+use crate::storage::{
+    Append, Arrived, KvPut, Message, Pull, Pulled, QueueName, StorageError, Unwatch, Watch,
+};
+
+/// Frames decoded by the reader task, in order.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Frames(pub Vec<Inbound>);
+
+/// The reader task stopped: end of stream (`None`) or a decode/IO error.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ReadEnded(pub Option<DecodeFailure>);
+
+/// The writer task's backlog fell below the low watermark, or writing failed.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drained {
+    pub failed: bool,
+}
+
+/// Another connection took this client id (from the registry). Answers with the
+/// session state to continue with.
+#[derive(Message)]
+#[rtype(result = "Option<SessionState>")]
+pub struct Takeover {
+    pub clean_start: bool,
+}
+
+/// The node is stopping: close and hand back the state of a persistent session.
+#[derive(Message)]
+#[rtype(result = "Option<SessionState>")]
+pub struct ServerShutdown;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitConnect,
+    Registering,
+    Connected,
+    Closed,
+}
+
+/// A pipeline step, in the order the client sent it.
+enum Op {
+    Publish(Box<Publish>),
+    Subscribe {
+        packet_id: u16,
+        sub_id: Option<u32>,
+        filters: Vec<(String, SubOpts)>,
+    },
+    Unsubscribe {
+        packet_id: u16,
+        filters: Vec<String>,
+    },
+    PubRel(u16),
+}
+
+struct Sub {
+    state: SubState,
+    queue: QueueName,
+    /// Highest max_offset heard of (hint or pull); pull while `state.next` is below it.
+    known_max: u64,
+    pulling: bool,
+}
+
+/// How one delivery attempt went.
+#[derive(PartialEq, Eq)]
+enum Delivery {
+    Sent,
+    Skipped,
+    WindowFull,
+}
+
+const TICK: Duration = Duration::from_secs(1);
+/// Every this many ticks, pull every subscription once even without a hint
+/// (hints may be dropped when a mailbox is full).
+const PROBE_TICKS: u32 = 5;
+const CHECKPOINT_TICKS: u32 = 2;
+const MAX_EARLY_PACKETS: usize = 1024;
+const MAX_ROUTE_CACHE: usize = 4096;
+const MAX_PUBLISH_BATCH: usize = 256;
+
+pub struct MqttSession {
+    gw: Gateway,
+    conn_id: u64,
+    log: slog::Logger,
+
+    /// Encoded packets not yet handed to the writer task.
+    out: BytesMut,
+    writer: Option<mpsc::UnboundedSender<Bytes>>,
+    /// Bytes handed to the writer task and not yet written to the socket.
+    write_pending: Arc<AtomicUsize>,
+    /// Set when the session stopped pulling for lack of write buffer.
+    wants_drain: Arc<AtomicBool>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+    /// One permit per PUBLISH in the pipeline (taken by the reader task).
+    permits: Arc<Semaphore>,
+    enc: Encoder,
+
+    phase: Phase,
+    proto: Proto,
+    client_id: Arc<str>,
+    keep_alive: Option<Duration>,
+    last_seen: Instant,
+    will: Option<Will>,
+    /// Whether the will goes out when the session stops (false after DISCONNECT 0x00).
+    will_on_close: bool,
+    session_expiry: u32,
+    aliases: HashMap<u16, String>,
+    early: Vec<Inbound>,
+
+    subs: HashMap<String, Sub>,
+    by_queue: HashMap<QueueName, String>,
+    inflight: Inflight,
+    /// Retained messages matched on SUBSCRIBE, waiting for room in the window.
+    retained_backlog: VecDeque<(Arc<Message>, u8, Vec<u32>)>,
+    window_blocked: bool,
+    /// Resending the in-flight messages of a resumed session; new pulls wait.
+    resuming: bool,
+    qos2_in: HashSet<u16>,
+    qos2_pending: HashSet<u16>,
+
+    pipeline: VecDeque<Op>,
+    busy: bool,
+    routes: HashMap<String, Arc<[QueueName]>>,
+    routes_epoch: u64,
+
+    dirty: bool,
+    /// The registry has the state already (takeover, shutdown): don't unregister it.
+    handed_off: bool,
+    ticks: u32,
+}
+
+impl MqttSession {
+    /// Start a session for `io` on the current arbiter.
+    pub fn spawn<S>(gw: Gateway, io: S, peer: SocketAddr) -> Addr<MqttSession>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        let (r, w) = tokio::io::split(io);
+        let cfg = gw.config().clone();
+        let conn_id = gw.next_id();
+        let log = gw
+            .inner
+            .log
+            .new(slog::o!("actor" => "mqtt_session", "conn" => conn_id, "peer" => peer.to_string()));
+        MqttSession::create(move |ctx| {
+            ctx.set_mailbox_capacity(64);
+            let addr = ctx.address();
+            let write_pending = Arc::new(AtomicUsize::new(0));
+            let wants_drain = Arc::new(AtomicBool::new(false));
+            let permits = Arc::new(Semaphore::new((cfg.receive_maximum as usize).max(MAX_PUBLISH_BATCH)));
+            let (tx, rx) = mpsc::unbounded_channel();
+            actix::spawn(write_loop(
+                w,
+                rx,
+                write_pending.clone(),
+                wants_drain.clone(),
+                addr.downgrade(),
+                cfg.max_write_buffer / 2,
+            ));
+            let reader = actix::spawn(read_loop(
+                r,
+                MqttDecoder::new(cfg.max_packet_size),
+                addr,
+                permits.clone(),
+            ));
+            MqttSession {
+                gw,
+                conn_id,
+                log,
+                out: BytesMut::with_capacity(4096),
+                writer: Some(tx),
+                write_pending,
+                wants_drain,
+                reader: Some(reader),
+                permits,
+                enc: Encoder::new(Proto::V3(4)),
+                phase: Phase::AwaitConnect,
+                proto: Proto::V3(4),
+                client_id: "".into(),
+                keep_alive: None,
+                last_seen: Instant::now(),
+                will: None,
+                will_on_close: true,
+                session_expiry: 0,
+                aliases: HashMap::new(),
+                early: Vec::new(),
+                subs: HashMap::new(),
+                by_queue: HashMap::new(),
+                inflight: Inflight::new(cfg.max_inflight as usize),
+                retained_backlog: VecDeque::new(),
+                window_blocked: false,
+                resuming: false,
+                qos2_in: HashSet::new(),
+                qos2_pending: HashSet::new(),
+                pipeline: VecDeque::new(),
+                busy: false,
+                routes: HashMap::new(),
+                routes_epoch: u64::MAX,
+                dirty: false,
+                handed_off: false,
+                ticks: 0,
+            }
+        })
+    }
+
+    fn cfg(&self) -> &super::MqttConfig {
+        &self.gw.inner.cfg
+    }
+
+    // ---------------------------------------------------------------- writing
+
+    /// Hand everything encoded so far to the writer task in one buffer (one write).
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        if self.out.is_empty() {
+            return;
+        }
+        let buf = self.out.split().freeze();
+        let pending = self.write_pending.fetch_add(buf.len(), Ordering::AcqRel) + buf.len();
+        if let Some(tx) = &self.writer {
+            if tx.send(buf).is_err() {
+                self.close(None, true, ctx);
+                return;
+            }
+        }
+        // Deliveries stop at max_write_buffer; only acks can push past it. A client that
+        // never reads while sending without end is cut off here.
+        if pending > self.cfg().max_write_buffer.saturating_mul(8).max(1 << 20) {
+            slog::warn!(self.log, "client does not read; closing"; "pending_bytes" => pending);
+            self.close(Some(0x97), true, ctx);
+        }
+    }
+
+    fn write_room(&self) -> bool {
+        self.write_pending.load(Ordering::Acquire) < self.cfg().max_write_buffer
+    }
+
+    /// Close the connection: an optional v5 DISCONNECT reason first; `will` says
+    /// whether the will message is published.
+    fn close(&mut self, reason: Option<u8>, will: bool, ctx: &mut Context<Self>) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        if let (Some(code), Proto::V5, Phase::Connected) = (reason, self.proto, self.phase) {
+            let _ = self.enc.disconnect(code, None, &mut self.out);
+        }
+        let was = self.phase;
+        self.phase = Phase::Closed;
+        self.will_on_close = will;
+        if !self.out.is_empty() {
+            let buf = self.out.split().freeze();
+            if let Some(tx) = &self.writer {
+                let _ = tx.send(buf);
+            }
+        }
+        if was != Phase::AwaitConnect {
+            slog::debug!(self.log, "closing"; "reason" => reason, "will" => will);
+        }
+        ctx.stop();
+    }
+
+    fn protocol_error(&mut self, code: u8, what: &str, ctx: &mut Context<Self>) {
+        slog::info!(self.log, "protocol violation; closing"; "what" => what, "reason" => code);
+        self.close(Some(code), true, ctx);
+    }
+
+    // ---------------------------------------------------------------- CONNECT
+
+    fn on_connect(&mut self, c: Connect, ctx: &mut Context<Self>) {
+        self.proto = c.proto;
+        self.enc = Encoder::new(c.proto);
+        let cfg = self.cfg().clone();
+        if c.auth_method.is_some() {
+            // Enhanced authentication is not offered (v5 §4.12): 0x8C.
+            return self.refuse(0x8C, ctx);
+        }
+        let mut assigned = None;
+        let client_id = if c.client_id.is_empty() {
+            // MQTT-3.1.3-8: a v3.1.1 client with an empty id must ask for a clean session.
+            if (!c.proto.is_v5() && !c.clean_start) || !cfg.allow_empty_client_id {
+                return self.refuse(0x85, ctx);
+            }
+            let id = format!("actimq-{:x}-{:x}", crate::now_ms(), self.conn_id);
+            assigned = Some(id.clone());
+            id
+        } else {
+            c.client_id.clone()
+        };
+        if client_id.len() > cfg.max_client_id_len {
+            return self.refuse(0x85, ctx);
+        }
+        if let Some(w) = &c.will {
+            if topic::validate_name(&w.topic, cfg.max_topic_levels).is_err() {
+                return self.refuse(if c.proto.is_v5() { 0x90 } else { 0x85 }, ctx);
+            }
+            if w.retain && !cfg.retain_available {
+                return self.refuse(0x9A, ctx);
+            }
+        }
+        let server_ka = (cfg.max_keepalive_secs > 0
+            && (c.keep_alive == 0 || c.keep_alive > cfg.max_keepalive_secs))
+            .then_some(cfg.max_keepalive_secs);
+        let ka = server_ka.unwrap_or(c.keep_alive);
+        // MQTT-3.1.2-24: allow one and a half keep-alive periods.
+        self.keep_alive = (ka > 0).then(|| Duration::from_millis(ka as u64 * 1500));
+        let asked = c.session_expiry;
+        self.session_expiry = asked.min(cfg.max_session_expiry_secs);
+        if let Some(max) = c.max_packet_size {
+            self.enc.set_max_packet_size(max);
+        }
+        self.inflight
+            .set_capacity((cfg.max_inflight as usize).min(c.receive_max as usize));
+        self.will = c.will;
+        self.client_id = client_id.as_str().into();
+        self.log = self.log.new(slog::o!("client_id" => client_id.clone()));
+        self.phase = Phase::Registering;
+
+        let reg = Register {
+            client_id: self.client_id.clone(),
+            conn_id: self.conn_id,
+            addr: ctx.address(),
+            clean_start: c.clean_start,
+        };
+        let capped = (c.proto.is_v5() && asked != self.session_expiry).then_some(self.session_expiry);
+        self.gw
+            .inner
+            .registry
+            .send(reg)
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                if act.phase != Phase::Registering {
+                    return;
+                }
+                let state = match res {
+                    Ok(Ok(state)) => state,
+                    _ => return act.refuse(0x88, ctx),
+                };
+                let ack = ConnAck {
+                    session_present: state.is_some(),
+                    reason: 0,
+                    assigned_client_id: assigned,
+                    server_keep_alive: server_ka,
+                    session_expiry: capped,
+                    receive_max: cfg.receive_maximum,
+                    max_packet_size: cfg.max_packet_size,
+                    topic_alias_max: cfg.topic_alias_maximum,
+                    retain_available: cfg.retain_available,
+                    reason_string: None,
+                };
+                let _ = act.enc.connack(&ack, &mut act.out);
+                act.phase = Phase::Connected;
+                slog::debug!(act.log, "connected"; "proto" => act.proto.level(), "session_present" => state.is_some());
+                if let Some(state) = state {
+                    act.resume(state, ctx);
+                }
+                let early = std::mem::take(&mut act.early);
+                for p in early {
+                    act.on_packet(p, ctx);
+                }
+                // Offline messages of a resumed session wait in its queues.
+                act.pull_all(ctx);
+                act.drive(ctx);
+                act.flush(ctx);
+            })
+            .wait(ctx);
+    }
+
+    /// Answer CONNECT with a refusal and close (no will: the session never began).
+    fn refuse(&mut self, reason: u8, ctx: &mut Context<Self>) {
+        let ack = ConnAck {
+            reason,
+            receive_max: self.cfg().receive_maximum,
+            max_packet_size: self.cfg().max_packet_size,
+            ..Default::default()
+        };
+        let _ = self.enc.connack(&ack, &mut self.out);
+        slog::info!(self.log, "connection refused"; "reason" => reason);
+        self.phase = Phase::Registering;
+        self.close(None, false, ctx);
+    }
+
+    /// Continue a persistent session: watch its queues and resend what was in flight.
+    fn resume(&mut self, state: SessionState, ctx: &mut Context<Self>) {
+        for s in state.subs {
+            let queue = QueueName(s.queue.as_str().into());
+            self.watch(&queue, ctx);
+            self.by_queue.insert(queue.clone(), s.raw.clone());
+            self.subs.insert(
+                s.raw.clone(),
+                Sub {
+                    state: s,
+                    queue,
+                    known_max: u64::MAX,
+                    pulling: false,
+                },
+            );
+        }
+        self.qos2_in.extend(state.qos2_in);
+        if state.inflight.is_empty() {
+            return;
+        }
+        // MQTT-4.4.0-1: resend unacknowledged PUBLISH and PUBREL with their original ids,
+        // in order, before anything new.
+        self.resuming = true;
+        for e in &state.inflight {
+            self.inflight.insert(e.clone());
+        }
+        let storage = self.gw.inner.storage.clone();
+        let retain = self.gw.inner.retain.clone();
+        let entries = state.inflight;
+        let fut = async move {
+            let mut out = Vec::with_capacity(entries.len());
+            for e in entries {
+                let msg = if e.released {
+                    None
+                } else if let Some(topic) = &e.retained_topic {
+                    retain
+                        .send(MatchRetained { filter: topic.clone() })
+                        .await
+                        .ok()
+                        .and_then(|v| v.into_iter().next())
+                } else {
+                    let pull = Pull {
+                        queue: QueueName(e.queue.as_str().into()),
+                        from: e.offset,
+                        max: 1,
+                        max_bytes: 1,
+                    };
+                    match storage.pull(pull).await {
+                        Ok(p) => p
+                            .messages
+                            .into_iter()
+                            .find(|m| m.offset == e.offset)
+                            .map(|m| m.message),
+                        Err(_) => None,
+                    }
+                };
+                out.push((e, msg));
+            }
+            out
+        };
+        ctx.spawn(fut.into_actor(self).map(|resends, act, ctx| {
+            for (e, msg) in resends {
+                if e.released {
+                    let _ = act.enc.pubrel(e.packet_id, 0, &mut act.out);
+                    continue;
+                }
+                let Some(msg) = msg else {
+                    // Gone from the log (retention) or the retained store: nothing to resend.
+                    act.inflight.remove(e.packet_id);
+                    continue;
+                };
+                let p = OutPublish {
+                    dup: true,
+                    qos: e.qos,
+                    retain: e.retain,
+                    topic: &msg.topic,
+                    packet_id: Some(e.packet_id),
+                    payload: msg.payload.clone(),
+                    props: &msg.props,
+                    expiry_left: expiry_left(&msg, crate::now_ms()),
+                    sub_ids: &e.sub_ids,
+                };
+                if act.enc.publish(&p, &mut act.out).is_err() {
+                    act.inflight.remove(e.packet_id);
+                }
+            }
+            act.resuming = false;
+            act.flush(ctx);
+            act.pull_all(ctx);
+        }));
+    }
+
+    // ---------------------------------------------------------------- inbound
+
+    fn on_packet(&mut self, p: Inbound, ctx: &mut Context<Self>) {
+        match self.phase {
+            Phase::Closed => return,
+            Phase::AwaitConnect => {
+                return match p {
+                    Inbound::Connect(c) => self.on_connect(*c, ctx),
+                    // MQTT-3.1.0-1 (the decoder already refuses anything else first).
+                    _ => self.close(None, false, ctx),
+                };
+            }
+            Phase::Registering => {
+                // A client may send packets right after CONNECT, before CONNACK.
+                if self.early.len() >= MAX_EARLY_PACKETS {
+                    return self.close(None, false, ctx);
+                }
+                self.early.push(p);
+                return;
+            }
+            Phase::Connected => {}
+        }
+        match p {
+            // MQTT-3.1.0-2: a second CONNECT is a protocol violation.
+            Inbound::Connect(_) => self.protocol_error(0x82, "second CONNECT", ctx),
+            Inbound::Publish(p) => self.on_publish(p, ctx),
+            Inbound::PubAck { packet_id } => self.on_ack(packet_id, ctx),
+            Inbound::PubRec { packet_id, failed } => {
+                if failed {
+                    self.on_ack(packet_id, ctx);
+                } else if let Some(e) = self.inflight.get_mut(packet_id) {
+                    e.released = true;
+                    self.dirty = true;
+                    let _ = self.enc.pubrel(packet_id, 0, &mut self.out);
+                } else {
+                    // v5: PUBREL with 0x92 Packet Identifier not found.
+                    let _ = self.enc.pubrel(packet_id, 0x92, &mut self.out);
+                }
+            }
+            Inbound::PubComp { packet_id } => self.on_ack(packet_id, ctx),
+            Inbound::PubRel { packet_id } => self.pipeline.push_back(Op::PubRel(packet_id)),
+            Inbound::Subscribe {
+                packet_id,
+                sub_id,
+                filters,
+            } => self.pipeline.push_back(Op::Subscribe {
+                packet_id,
+                sub_id,
+                filters,
+            }),
+            Inbound::Unsubscribe { packet_id, filters } => {
+                self.pipeline.push_back(Op::Unsubscribe { packet_id, filters })
+            }
+            Inbound::PingReq => {
+                let _ = self.enc.pingresp(&mut self.out);
+            }
+            Inbound::Disconnect {
+                reason,
+                session_expiry,
+            } => {
+                if let Some(se) = session_expiry {
+                    // MQTT-3.14.2-2: cannot turn a zero expiry into a non-zero one.
+                    if self.session_expiry == 0 && se != 0 {
+                        return self.protocol_error(0x82, "session expiry set on DISCONNECT", ctx);
+                    }
+                    self.session_expiry = se.min(self.cfg().max_session_expiry_secs);
+                }
+                // MQTT-3.14.4-3: a normal DISCONNECT discards the will; v5 0x04 keeps it.
+                let will = reason == 0x04;
+                self.close(None, will, ctx);
+            }
+            Inbound::Auth => self.protocol_error(0x82, "AUTH without authentication method", ctx),
+            Inbound::ServerOnly => self.protocol_error(0x82, "server-only packet", ctx),
+        }
+    }
+
+    fn on_publish(&mut self, mut p: Box<Publish>, ctx: &mut Context<Self>) {
+        let v5 = self.proto.is_v5();
+        // Topic alias (v5 §3.3.2.3.4).
+        if let Some(alias) = p.topic_alias {
+            if alias == 0 || alias > self.cfg().topic_alias_maximum {
+                return self.protocol_error(0x94, "topic alias out of range", ctx);
+            }
+            if p.topic.is_empty() {
+                match self.aliases.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => return self.protocol_error(0x82, "unknown topic alias", ctx),
+                }
+            } else {
+                self.aliases.insert(alias, p.topic.clone());
+            }
+        }
+        if let Err(e) = topic::validate_name(&p.topic, self.cfg().max_topic_levels) {
+            // MQTT-3.3.2-2 (wildcards), MQTT-4.7.3-1 (empty): 0x90 Topic Name invalid.
+            return self.protocol_error(0x90, &format!("invalid topic name: {e:?}"), ctx);
+        }
+        if p.has_sub_ids {
+            return self.protocol_error(0x82, "subscription identifier in PUBLISH", ctx);
+        }
+        if p.retain && !self.cfg().retain_available {
+            return self.protocol_error(0x9A, "retain not supported", ctx);
+        }
+        if p.qos == 2 {
+            if let Some(id) = p.packet_id {
+                if self.qos2_in.contains(&id) {
+                    // MQTT-4.3.3-9: a resent QoS 2 PUBLISH is acknowledged, not delivered again.
+                    let _ = self.enc.pubrec(id, 0, &mut self.out);
+                    self.permits.add_permits(1);
+                    return;
+                }
+                if !self.qos2_pending.insert(id) {
+                    // The first copy is still being stored; its PUBREC will answer both.
+                    self.permits.add_permits(1);
+                    return;
+                }
+            }
+        }
+        if v5 && p.qos > 0 {
+            let unacked = self.qos2_in.len()
+                + self
+                    .pipeline
+                    .iter()
+                    .filter(|o| matches!(o, Op::Publish(p) if p.qos > 0))
+                    .count();
+            if unacked >= self.cfg().receive_maximum as usize {
+                // MQTT-3.3.4-8 / v5 §3.3.4: 0x93 Receive Maximum exceeded.
+                return self.protocol_error(0x93, "receive maximum exceeded", ctx);
+            }
+        }
+        if v5 && p.props.payload_format == Some(1) && std::str::from_utf8(&p.payload).is_err() {
+            // v5 §3.3.2.3.2: the payload is not the UTF-8 it claims to be: 0x99.
+            match (p.qos, p.packet_id) {
+                (1, Some(id)) => {
+                    let _ = self.enc.puback(id, 0x99, &mut self.out);
+                }
+                (2, Some(id)) => {
+                    self.qos2_pending.remove(&id);
+                    let _ = self.enc.pubrec(id, 0x99, &mut self.out);
+                }
+                _ => {}
+            }
+            self.permits.add_permits(1);
+            return;
+        }
+        self.pipeline.push_back(Op::Publish(p));
+    }
+
+    /// Run the next pipeline step(s) unless one is already running.
+    fn drive(&mut self, ctx: &mut Context<Self>) {
+        while !self.busy && self.phase == Phase::Connected {
+            match self.pipeline.front() {
+                None => return,
+                Some(Op::PubRel(_)) => {
+                    if let Some(Op::PubRel(id)) = self.pipeline.pop_front() {
+                        self.on_pubrel(id);
+                    }
+                }
+                Some(Op::Publish(_)) => {
+                    let mut batch = Vec::new();
+                    while batch.len() < MAX_PUBLISH_BATCH {
+                        match self.pipeline.front() {
+                            Some(Op::Publish(_)) => {
+                                if let Some(Op::Publish(p)) = self.pipeline.pop_front() {
+                                    batch.push(p);
+                                }
+                            }
+                            _ => break,
+                        }
+                    }
+                    self.busy = true;
+                    self.publish_batch(batch, ctx);
+                }
+                Some(Op::Subscribe { .. }) => {
+                    if let Some(Op::Subscribe {
+                        packet_id,
+                        sub_id,
+                        filters,
+                    }) = self.pipeline.pop_front()
+                    {
+                        self.busy = true;
+                        self.subscribe(packet_id, sub_id, filters, ctx);
+                    }
+                }
+                Some(Op::Unsubscribe { .. }) => {
+                    if let Some(Op::Unsubscribe { packet_id, filters }) = self.pipeline.pop_front() {
+                        self.busy = true;
+                        self.unsubscribe(packet_id, filters, ctx);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_pubrel(&mut self, id: u16) {
+        let known = self.qos2_in.remove(&id);
+        if known && self.session_expiry > 0 {
+            self.gw.inner.storage.kv.do_send(KvPut {
+                key: qos2_key(&self.client_id, id),
+                value: None,
+            });
+        }
+        // v5: 0x92 Packet Identifier not found; v3 always completes.
+        let _ = self.enc.pubcomp(id, if known { 0 } else { 0x92 }, &mut self.out);
+    }
+
+    /// Route, retain and append a batch of publishes, then acknowledge them in order.
+    fn publish_batch(&mut self, batch: Vec<Box<Publish>>, ctx: &mut Context<Self>) {
+        let epoch = self.gw.inner.route_epoch.load(Ordering::Acquire);
+        if epoch != self.routes_epoch || self.routes.len() > MAX_ROUTE_CACHE {
+            self.routes.clear();
+            self.routes_epoch = epoch;
+        }
+        let nshards = self.gw.inner.shards.len();
+        let mut misses: Vec<Vec<String>> = vec![Vec::new(); nshards];
+        for p in &batch {
+            if !self.routes.contains_key(&p.topic) {
+                let list = &mut misses[shard_of(first_level(&p.topic), nshards)];
+                if !list.contains(&p.topic) {
+                    list.push(p.topic.clone());
+                }
+            }
+        }
+        let asks: Vec<_> = misses
+            .into_iter()
+            .enumerate()
+            .filter(|(_, t)| !t.is_empty())
+            .map(|(i, topics)| {
+                let req = self.gw.inner.shards[i].send(Route {
+                    topics: topics.clone(),
+                });
+                async move { (topics, req.await) }
+            })
+            .collect();
+        let fut = futures::future::join_all(asks);
+        ctx.spawn(fut.into_actor(self).map(move |answers, act, ctx| {
+            for (topics, res) in answers {
+                match res {
+                    Ok(queues) => {
+                        for (t, q) in topics.into_iter().zip(queues) {
+                            act.routes.insert(t, q.into());
+                        }
+                    }
+                    Err(_) => return act.close(Some(0x80), true, ctx),
+                }
+            }
+            act.append_batch(batch, ctx);
+        }));
+    }
+
+    fn append_batch(&mut self, batch: Vec<Box<Publish>>, ctx: &mut Context<Self>) {
+        let now = crate::now_ms();
+        let retain_ok = self.cfg().retain_available;
+        let mut retained = Vec::new();
+        let mut appends = Vec::with_capacity(batch.len());
+        let mut acks = Vec::with_capacity(batch.len());
+        for p in batch {
+            let queues: Vec<QueueName> = self
+                .routes
+                .get(&p.topic)
+                .map(|q| q.to_vec())
+                .unwrap_or_else(|| vec![QueueName::topic(first_level(&p.topic), 0)]);
+            let msg = Message {
+                topic: p.topic,
+                payload: p.payload,
+                qos: p.qos,
+                retain: p.retain,
+                publisher: self.client_id.to_string(),
+                timestamp_ms: now,
+                props: p.props,
+            };
+            if msg.retain && retain_ok {
+                retained.push(SetRetained {
+                    message: msg.clone(),
+                });
+            }
+            acks.push((msg.qos, p.packet_id));
+            appends.push(Append {
+                message: msg,
+                queues,
+            });
+        }
+        let storage = self.gw.inner.storage.clone();
+        let retain = self.gw.inner.retain.clone();
+        let kv = storage.kv.clone();
+        let qos2_keys: Vec<String> = if self.session_expiry > 0 {
+            acks.iter()
+                .filter(|(q, _)| *q == 2)
+                .filter_map(|(_, id)| id.map(|id| qos2_key(&self.client_id, id)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let fut = async move {
+            for r in retained {
+                // A refused retained message (quota) is still delivered normally.
+                let _ = retain.send(r).await;
+            }
+            // Issue every append before awaiting any, so they enter the log in order
+            // and share one group commit.
+            let sends: Vec<_> = appends
+                .into_iter()
+                .map(|a| storage.commitlog.send(a))
+                .collect();
+            let results: Vec<Result<u64, StorageError>> = futures::future::join_all(sends)
+                .await
+                .into_iter()
+                .map(|r| r.unwrap_or(Err(StorageError::Closed)))
+                .collect();
+            // Inbound QoS 2 state is durable before PUBREC (exactly once across restarts).
+            let puts: Vec<_> = qos2_keys
+                .into_iter()
+                .map(|key| kv.send(KvPut { key, value: Some(Vec::new()) }))
+                .collect();
+            futures::future::join_all(puts).await;
+            results
+        };
+        ctx.spawn(fut.into_actor(self).map(move |results, act, ctx| {
+            act.permits.add_permits(acks.len());
+            let mut failed = false;
+            for ((qos, id), res) in acks.into_iter().zip(results) {
+                let ok = res.is_ok();
+                if let Err(e) = &res {
+                    slog::error!(act.log, "append failed"; "error" => %e);
+                    failed = true;
+                }
+                match (qos, id) {
+                    (1, Some(id)) => {
+                        if ok || act.proto.is_v5() {
+                            let _ = act.enc.puback(id, if ok { 0 } else { 0x80 }, &mut act.out);
+                        }
+                    }
+                    (2, Some(id)) => {
+                        act.qos2_pending.remove(&id);
+                        if ok {
+                            act.qos2_in.insert(id);
+                        }
+                        if ok || act.proto.is_v5() {
+                            let _ = act.enc.pubrec(id, if ok { 0 } else { 0x80 }, &mut act.out);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            act.busy = false;
+            if failed && !act.proto.is_v5() {
+                // v3 has no negative acknowledgement: close so the client resends later.
+                return act.close(None, true, ctx);
+            }
+            act.drive(ctx);
+            act.flush(ctx);
+        }));
+    }
+
+    fn subscribe(
+        &mut self,
+        packet_id: u16,
+        sub_id: Option<u32>,
+        filters: Vec<(String, SubOpts)>,
+        ctx: &mut Context<Self>,
+    ) {
+        let max_levels = self.cfg().max_topic_levels;
+        let nshards = self.gw.inner.shards.len();
+        let v5 = self.proto.is_v5();
+        let mut codes = Vec::with_capacity(filters.len());
+        // (raw, filter, group, opts, is_new)
+        let mut plans = Vec::new();
+        for (raw, opts) in filters {
+            match parse_filter(&raw, max_levels) {
+                Err(_) => codes.push(if v5 { 0x8F } else { 0x80 }),
+                Ok(pf) => {
+                    if pf.share_group.is_some() && opts.no_local {
+                        // MQTT-3.8.3-4: No Local on a shared subscription is a protocol error.
+                        self.busy = false;
+                        return self.protocol_error(0x82, "no local on shared subscription", ctx);
+                    }
+                    codes.push(opts.qos);
+                    let is_new = !self.subs.contains_key(&raw);
+                    plans.push((
+                        raw.clone(),
+                        pf.filter.to_string(),
+                        pf.share_group.map(|g| g.to_string()),
+                        opts,
+                        is_new,
+                    ));
+                }
+            }
+        }
+        let owner = self.client_id.clone();
+        let shards = self.gw.inner.shards.clone();
+        let storage = self.gw.inner.storage.clone();
+        let retain = self.gw.inner.retain.clone();
+        let retain_ok = self.cfg().retain_available;
+        let steps = plans.clone();
+        let fut = async move {
+            let mut out = Vec::new();
+            for (_raw, filter, group, opts, is_new) in steps {
+                let kind = match &group {
+                    Some(g) => RouteKind::Shared { group: g.clone() },
+                    None => RouteKind::Filter,
+                };
+                let mut queue = None;
+                for i in shards_for_filter(&filter, nshards) {
+                    if let Ok(q) = shards[i]
+                        .send(AddRoute {
+                            owner: owner.clone(),
+                            filter: filter.clone(),
+                            kind: kind.clone(),
+                        })
+                        .await
+                    {
+                        queue = Some(q);
+                    }
+                }
+                let Some(queue) = queue else {
+                    out.push(None);
+                    continue;
+                };
+                // A new subscription reads what arrives from now on.
+                let next = storage
+                    .bounds(queue.clone())
+                    .await
+                    .map(|b| b.max_offset)
+                    .unwrap_or(0);
+                // Retained messages: Retain Handling 0 always, 1 if new, 2 never; and
+                // never for shared subscriptions (v5 §4.8.2).
+                let send_retained = retain_ok
+                    && group.is_none()
+                    && (opts.retain_handling == 0 || (opts.retain_handling == 1 && is_new));
+                let retained = if send_retained {
+                    retain
+                        .send(MatchRetained {
+                            filter: filter.clone(),
+                        })
+                        .await
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                out.push(Some((queue, next, retained)));
+            }
+            out
+        };
+        ctx.spawn(fut.into_actor(self).map(move |results, act, ctx| {
+            let mut code_iter = 0usize;
+            let mut codes = codes;
+            let mut retained_out = Vec::new();
+            for ((raw, filter, group, opts, _), res) in plans.into_iter().zip(results) {
+                // Find this plan's code slot (plans skip invalid filters).
+                while code_iter < codes.len() && codes[code_iter] >= 0x80 {
+                    code_iter += 1;
+                }
+                let slot = code_iter;
+                code_iter += 1;
+                let Some((queue, next, retained)) = res else {
+                    if slot < codes.len() {
+                        codes[slot] = 0x80;
+                    }
+                    continue;
+                };
+                let sub_ids: Vec<u32> = sub_id.into_iter().collect();
+                for m in retained {
+                    retained_out.push((m, opts.qos, sub_ids.clone()));
+                }
+                match act.subs.get_mut(&raw) {
+                    Some(existing) => {
+                        // MQTT-3.8.4-3: replace the options, keep the queue and position.
+                        existing.state.qos = opts.qos;
+                        existing.state.no_local = opts.no_local;
+                        existing.state.retain_as_published = opts.retain_as_published;
+                        existing.state.retain_handling = opts.retain_handling;
+                        existing.state.sub_id = sub_id;
+                    }
+                    None => {
+                        act.watch(&queue, ctx);
+                        act.by_queue.insert(queue.clone(), raw.clone());
+                        act.subs.insert(
+                            raw.clone(),
+                            Sub {
+                                state: SubState {
+                                    raw: raw.clone(),
+                                    filter,
+                                    share_group: group,
+                                    qos: opts.qos,
+                                    no_local: opts.no_local,
+                                    retain_as_published: opts.retain_as_published,
+                                    retain_handling: opts.retain_handling,
+                                    sub_id,
+                                    queue: queue.as_str().to_string(),
+                                    next,
+                                },
+                                queue,
+                                known_max: next,
+                                pulling: false,
+                            },
+                        );
+                    }
+                }
+            }
+            act.dirty = true;
+            act.persist_then(ctx, move |act, ctx| {
+                let _ = act.enc.suback(packet_id, &codes, &mut act.out);
+                // Retained messages follow the SUBACK (MQTT-3.3.1-8: with RETAIN set).
+                act.retained_backlog.extend(retained_out);
+                act.send_retained_backlog();
+                act.busy = false;
+                act.drive(ctx);
+                act.flush(ctx);
+            });
+        }));
+    }
+
+    fn unsubscribe(&mut self, packet_id: u16, filters: Vec<String>, ctx: &mut Context<Self>) {
+        let mut codes = Vec::with_capacity(filters.len());
+        for raw in filters {
+            match self.subs.remove(&raw) {
+                Some(sub) => {
+                    self.by_queue.remove(&sub.queue);
+                    self.unwatch(&sub.queue);
+                    registry::remove_routes(&self.gw, &self.client_id, &[sub.state]);
+                    codes.push(0x00);
+                }
+                // v5 0x11: No subscription existed.
+                None => codes.push(0x11),
+            }
+        }
+        self.dirty = true;
+        self.persist_then(ctx, move |act, ctx| {
+            let _ = act.enc.unsuback(packet_id, &codes, &mut act.out);
+            act.busy = false;
+            act.drive(ctx);
+            act.flush(ctx);
+        });
+    }
+
+    /// For a persistent session, write its state and then run `then`; otherwise run
+    /// `then` at once.
+    fn persist_then<F>(&mut self, ctx: &mut Context<Self>, then: F)
+    where
+        F: FnOnce(&mut Self, &mut Context<Self>) + 'static,
+    {
+        if self.session_expiry == 0 {
+            return then(self, ctx);
+        }
+        let put = self.checkpoint_put();
+        ctx.spawn(
+            async move {
+                let _ = put.await;
+            }
+            .into_actor(self)
+            .map(move |_, act, ctx| then(act, ctx)),
+        );
+    }
+
+    fn snapshot(&self) -> SessionState {
+        SessionState {
+            client_id: self.client_id.to_string(),
+            expiry_secs: self.session_expiry,
+            saved_at_ms: crate::now_ms(),
+            subs: self.subs.values().map(|s| s.state.clone()).collect(),
+            inflight: self.inflight.in_order(),
+            qos2_in: self.qos2_in.iter().copied().collect(),
+        }
+    }
+
+    fn checkpoint_put(&mut self) -> impl std::future::Future<Output = ()> {
+        self.dirty = false;
+        let put = self.gw.inner.storage.kv.send(KvPut {
+            key: session_key(&self.client_id),
+            value: Some(self.snapshot().encode()),
+        });
+        async move {
+            let _ = put.await;
+        }
+    }
+
+    // ---------------------------------------------------------------- outbound
+
+    fn watch(&self, queue: &QueueName, ctx: &mut Context<Self>) {
+        self.gw.inner.storage.watch(Watch {
+            queue: queue.clone(),
+            id: self.conn_id,
+            watcher: ctx.address().recipient(),
+        });
+    }
+
+    fn unwatch(&self, queue: &QueueName) {
+        self.gw.inner.storage.unwatch(Unwatch {
+            queue: queue.clone(),
+            id: self.conn_id,
+        });
+    }
+
+    fn on_ack(&mut self, packet_id: u16, ctx: &mut Context<Self>) {
+        if self.inflight.remove(packet_id).is_some() {
+            self.dirty = true;
+            if self.window_blocked || !self.retained_backlog.is_empty() {
+                self.window_blocked = false;
+                self.send_retained_backlog();
+                self.pull_all(ctx);
+            }
+        }
+    }
+
+    /// Send one message to the client, taking a window slot for QoS 1/2.
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(
+        &mut self,
+        msg: &Message,
+        sub_qos: u8,
+        retain: bool,
+        sub_ids: &[u32],
+        queue: &str,
+        offset: u64,
+        retained_topic: Option<String>,
+    ) -> Delivery {
+        let left = expiry_left(msg, crate::now_ms());
+        if left == Some(0) {
+            return Delivery::Skipped;
+        }
+        let qos = msg.qos.min(sub_qos);
+        let packet_id = if qos > 0 {
+            match self.inflight.alloc_id() {
+                Some(id) => Some(id),
+                None => {
+                    self.window_blocked = true;
+                    return Delivery::WindowFull;
+                }
+            }
+        } else {
+            None
+        };
+        let p = OutPublish {
+            dup: false,
+            qos,
+            retain,
+            topic: &msg.topic,
+            packet_id,
+            payload: msg.payload.clone(),
+            props: &msg.props,
+            expiry_left: left,
+            sub_ids,
+        };
+        if self.enc.publish(&p, &mut self.out).is_err() {
+            // MQTT-3.1.2-25: larger than the client accepts: discard as if delivered.
+            return Delivery::Skipped;
+        }
+        if let Some(packet_id) = packet_id {
+            self.inflight.insert(InflightEntry {
+                packet_id,
+                queue: queue.to_string(),
+                offset,
+                retained_topic,
+                qos,
+                retain,
+                sub_ids: sub_ids.to_vec(),
+                released: false,
+            });
+        }
+        Delivery::Sent
+    }
+
+    fn send_retained_backlog(&mut self) {
+        while let Some((msg, qos, sub_ids)) = self.retained_backlog.pop_front() {
+            let topic = msg.topic.clone();
+            if self.deliver(&msg, qos, true, &sub_ids, "", 0, Some(topic)) == Delivery::WindowFull {
+                self.retained_backlog.push_front((msg, qos, sub_ids));
+                return;
+            }
+        }
+    }
+
+    fn pull_all(&mut self, ctx: &mut Context<Self>) {
+        let queues: Vec<QueueName> = self
+            .subs
+            .values()
+            .filter(|s| !s.pulling && s.state.next < s.known_max)
+            .map(|s| s.queue.clone())
+            .collect();
+        for q in queues {
+            self.try_pull(&q, ctx);
+        }
+    }
+
+    fn try_pull(&mut self, queue: &QueueName, ctx: &mut Context<Self>) {
+        if self.phase != Phase::Connected || self.resuming {
+            return;
+        }
+        if !self.write_room() {
+            self.wants_drain.store(true, Ordering::Release);
+            // The writer may have drained between the check and the flag.
+            if !self.write_room() {
+                return;
+            }
+        }
+        let window = self.inflight.free();
+        let batch = self.cfg().pull_batch;
+        let max_bytes = self.cfg().max_write_buffer;
+        let Some(raw) = self.by_queue.get(queue) else {
+            return;
+        };
+        let Some(sub) = self.subs.get_mut(raw) else {
+            return;
+        };
+        if sub.pulling || sub.state.next >= sub.known_max {
+            return;
+        }
+        let max = if sub.state.qos > 0 { window.min(batch) } else { batch };
+        if max == 0 {
+            self.window_blocked = true;
+            return;
+        }
+        sub.pulling = true;
+        let pull = Pull {
+            queue: queue.clone(),
+            from: sub.state.next,
+            max,
+            max_bytes,
+        };
+        let q = queue.clone();
+        let storage = self.gw.inner.storage.clone();
+        ctx.spawn(
+            async move { storage.pull(pull).await }
+                .into_actor(self)
+                .map(move |res, act, ctx| act.on_pulled(q, res, ctx)),
+        );
+    }
+
+    fn on_pulled(&mut self, queue: QueueName, res: Result<Pulled, StorageError>, ctx: &mut Context<Self>) {
+        let Some(raw) = self.by_queue.get(&queue).cloned() else {
+            return;
+        };
+        let pulled = match res {
+            Ok(p) => p,
+            Err(e) => {
+                slog::warn!(self.log, "pull failed"; "queue" => %queue, "error" => %e);
+                if let Some(sub) = self.subs.get_mut(&raw) {
+                    sub.pulling = false;
+                }
+                return;
+            }
+        };
+        let Some(sub) = self.subs.get(&raw) else {
+            return;
+        };
+        let (qos, no_local, rap, sub_ids) = (
+            sub.state.qos,
+            sub.state.no_local,
+            sub.state.retain_as_published,
+            sub.state.sub_id.into_iter().collect::<Vec<u32>>(),
+        );
+        let start = sub.state.next;
+        let mut next = pulled.next.max(start);
+        let v5 = self.proto.is_v5();
+        for m in &pulled.messages {
+            if m.offset < start {
+                continue;
+            }
+            // MQTT-3.8.3-3: No Local: not back to the publisher.
+            if no_local && m.message.publisher == *self.client_id {
+                continue;
+            }
+            // MQTT-3.3.1-9 / v5 Retain As Published.
+            let retain = v5 && rap && m.message.retain;
+            let d = self.deliver(&m.message, qos, retain, &sub_ids, queue.as_str(), m.offset, None);
+            if d == Delivery::WindowFull {
+                next = m.offset;
+                break;
+            }
+        }
+        if pulled.min_offset > next {
+            next = pulled.min_offset;
+        }
+        if let Some(sub) = self.subs.get_mut(&raw) {
+            sub.pulling = false;
+            sub.state.next = next;
+            sub.known_max = if sub.known_max == u64::MAX {
+                pulled.max_offset
+            } else {
+                sub.known_max.max(pulled.max_offset)
+            };
+        }
+        self.dirty = true;
+        self.flush(ctx);
+        self.try_pull(&queue, ctx);
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        self.ticks = self.ticks.wrapping_add(1);
+        if let Some(ka) = self.keep_alive {
+            if self.phase == Phase::Connected && self.last_seen.elapsed() > ka {
+                slog::info!(self.log, "keep-alive timeout");
+                // v5 0x8D Keep Alive timeout; the will is published.
+                return self.close(Some(0x8D), true, ctx);
+            }
+        }
+        if self.phase != Phase::Connected {
+            return;
+        }
+        if self.ticks % PROBE_TICKS == 0 {
+            for s in self.subs.values_mut() {
+                if !s.pulling {
+                    s.known_max = u64::MAX;
+                }
+            }
+            self.pull_all(ctx);
+        }
+        if self.session_expiry > 0 && self.dirty && self.ticks % CHECKPOINT_TICKS == 0 {
+            let put = self.checkpoint_put();
+            ctx.spawn(put.into_actor(self));
+        }
+    }
+}
+
+impl Actor for MqttSession {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let timeout = Duration::from_secs(self.cfg().connect_timeout_secs.max(1));
+        ctx.run_later(timeout, |act, ctx| {
+            if act.phase == Phase::AwaitConnect {
+                slog::debug!(act.log, "no CONNECT in time; closing");
+                act.close(None, false, ctx);
+            }
+        });
+        ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
+    }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        if let Some(r) = self.reader.take() {
+            r.abort();
+        }
+        // Dropping the sender lets the writer task flush what is left and close.
+        self.writer = None;
+        for q in self.by_queue.keys() {
+            self.unwatch(q);
+        }
+        if self.client_id.is_empty() || self.handed_off {
+            return;
+        }
+        let will = if self.will_on_close { self.will.take() } else { None };
+        let state = if self.session_expiry > 0 {
+            Some(self.snapshot())
+        } else {
+            let subs: Vec<SubState> = self.subs.values().map(|s| s.state.clone()).collect();
+            registry::remove_routes(&self.gw, &self.client_id, &subs);
+            None
+        };
+        self.gw.inner.registry.do_send(Unregister {
+            client_id: self.client_id.clone(),
+            conn_id: self.conn_id,
+            state,
+            will,
+        });
+    }
+}
+
+impl Handler<Frames> for MqttSession {
+    type Result = ();
+    fn handle(&mut self, m: Frames, ctx: &mut Context<Self>) {
+        self.last_seen = Instant::now();
+        for p in m.0 {
+            self.on_packet(p, ctx);
+        }
+        self.drive(ctx);
+        self.flush(ctx);
+    }
+}
+
+impl Handler<ReadEnded> for MqttSession {
+    type Result = ();
+    fn handle(&mut self, m: ReadEnded, ctx: &mut Context<Self>) {
+        match m.0 {
+            None => {
+                slog::debug!(self.log, "connection closed by peer");
+                self.close(None, true, ctx);
+            }
+            Some(e) => {
+                slog::info!(self.log, "bad input; closing"; "error" => &e.message, "reason" => e.reason);
+                self.close(Some(e.reason), true, ctx);
+            }
+        }
+    }
+}
+
+impl Handler<Drained> for MqttSession {
+    type Result = ();
+    fn handle(&mut self, m: Drained, ctx: &mut Context<Self>) {
+        if m.failed {
+            return self.close(None, true, ctx);
+        }
+        self.pull_all(ctx);
+    }
+}
+
+impl Handler<Arrived> for MqttSession {
+    type Result = ();
+    fn handle(&mut self, m: Arrived, ctx: &mut Context<Self>) {
+        let Some(raw) = self.by_queue.get(&m.queue) else {
+            return;
+        };
+        if let Some(sub) = self.subs.get_mut(raw) {
+            if sub.known_max == u64::MAX || sub.known_max < m.max_offset {
+                sub.known_max = m.max_offset;
+            }
+        }
+        self.try_pull(&m.queue, ctx);
+    }
+}
+
+impl Handler<Takeover> for MqttSession {
+    type Result = MessageResult<Takeover>;
+    fn handle(&mut self, m: Takeover, ctx: &mut Context<Self>) -> Self::Result {
+        // MQTT-3.1.4-2 / v5 0x8E Session taken over.
+        self.handed_off = true;
+        let state = self.snapshot();
+        // v5 §3.1.3.2.2: a delayed will is not sent if the session continues.
+        let will = self.will.take().filter(|w| w.delay_secs == 0 || m.clean_start);
+        if let Some(will) = will {
+            self.gw.inner.registry.do_send(Unregister {
+                client_id: self.client_id.clone(),
+                conn_id: self.conn_id,
+                state: None,
+                will: Some(will),
+            });
+        }
+        self.close(Some(0x8E), false, ctx);
+        MessageResult(Some(state))
+    }
+}
+
+impl Handler<ServerShutdown> for MqttSession {
+    type Result = MessageResult<ServerShutdown>;
+    fn handle(&mut self, _: ServerShutdown, ctx: &mut Context<Self>) -> Self::Result {
+        let state = (self.session_expiry > 0 && !self.client_id.is_empty()).then(|| self.snapshot());
+        self.handed_off = true;
+        // v5 0x8B Server shutting down.
+        self.close(Some(0x8B), false, ctx);
+        MessageResult(state)
+    }
+}
+
+/// Reads the socket, decodes packets and hands them to the session in batches.
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut r: R,
+    mut dec: MqttDecoder,
+    addr: Addr<MqttSession>,
+    permits: Arc<Semaphore>,
+) {
+    let mut buf = BytesMut::with_capacity(8192);
+    loop {
+        let mut frames = Vec::new();
+        let mut failure = None;
+        while frames.len() < MAX_PUBLISH_BATCH {
+            match dec.decode(&mut buf) {
+                Ok(Some(p)) => frames.push(p),
+                Ok(None) => break,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let full = frames.len() >= MAX_PUBLISH_BATCH;
+        let publishes = frames
+            .iter()
+            .filter(|f| matches!(f, Inbound::Publish(_)))
+            .count() as u32;
+        if publishes > 0 {
+            // Back-pressure: wait for room in the session's pipeline before reading on.
+            match permits.acquire_many(publishes).await {
+                Ok(p) => p.forget(),
+                Err(_) => return,
+            }
+        }
+        if !frames.is_empty() && addr.send(Frames(frames)).await.is_err() {
+            return;
+        }
+        if let Some(e) = failure {
+            addr.do_send(ReadEnded(Some(e)));
+            return;
+        }
+        if full {
+            continue;
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(8192);
+        }
+        match r.read_buf(&mut buf).await {
+            Ok(0) => {
+                addr.do_send(ReadEnded(None));
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                addr.do_send(ReadEnded(Some(e.into())));
+                return;
+            }
+        }
+    }
+}
+
+/// Writes what the session hands over, one buffer per write, and tells the session
+/// when its backlog has drained below `low` (if it asked).
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    pending: Arc<AtomicUsize>,
+    wants_drain: Arc<AtomicBool>,
+    addr: actix::WeakAddr<MqttSession>,
+    low: usize,
+) {
+    while let Some(buf) = rx.recv().await {
+        if w.write_all(&buf).await.is_err() {
+            if let Some(a) = addr.upgrade() {
+                a.do_send(Drained { failed: true });
+            }
+            return;
+        }
+        let left = pending.fetch_sub(buf.len(), Ordering::AcqRel) - buf.len();
+        if left <= low && wants_drain.swap(false, Ordering::AcqRel) {
+            if let Some(a) = addr.upgrade() {
+                a.do_send(Drained { failed: false });
+            }
+        }
+    }
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+}
