@@ -1,0 +1,762 @@
+//! The node's configuration: what `conf/actimq.toml` says, as types.
+//!
+//! Layers, later ones winning:
+//! 1. [`DEFAULT_TOML`], the text of `conf/actimq.toml` built into the binary. It holds
+//!    every key, so it is the one place where defaults are written down;
+//! 2. an optional file (`--config FILE`) holding only the keys it changes;
+//! 3. environment variables `ACTIMQ__SECTION__KEY` (`__` between levels, because a
+//!    single `_` is part of key names), e.g. `ACTIMQ__LISTENER__TCP__BIND`.
+//!
+//! Deserialising catches unknown keys and wrong types; [`Config::validate`] then
+//! catches values that parse but make no sense (a segment of 0 bytes). Every error
+//! names the key, so an operator can find the line to fix.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use actimq_actors::mqtt::MqttConfig;
+use actimq_actors::storage::record::HARD_MAX_RECORD_BYTES;
+use actimq_actors::storage::{FlushMode, StorageConfig};
+use serde::Deserialize;
+
+/// The built-in default configuration: the same text as `conf/actimq.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../conf/actimq.toml");
+
+/// Prefix of the environment variables that override the configuration.
+pub const ENV_PREFIX: &str = "ACTIMQ";
+
+/// The largest packet MQTT can express (the Remaining Length limit, 256 MiB - 1).
+pub const MQTT_MAX_PACKET_SIZE: u32 = 268_435_455;
+
+/// The smallest `storage.segment_bytes` (the engine would silently raise a smaller one).
+pub const MIN_SEGMENT_BYTES: u64 = 4096;
+
+/// The smallest `storage.max_record_bytes` (the engine would silently raise a smaller one).
+pub const MIN_RECORD_BYTES: usize = 1024;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A layer could not be read or parsed, or a value had the wrong type or an unknown
+    /// key; the `config` crate's message names the key and, for files, the file.
+    #[error("{0}")]
+    Load(#[from] ::config::ConfigError),
+    /// A value parsed but is not allowed.
+    #[error("invalid value for `{key}`: {problem}")]
+    Invalid {
+        /// Dotted path of the offending key, e.g. `storage.segment_bytes`.
+        key: &'static str,
+        /// What is wrong with it and what is allowed.
+        problem: String,
+    },
+}
+
+/// The whole configuration of a node, one field per section of `conf/actimq.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Identity, data directory and threads of the node.
+    pub node: NodeSection,
+    /// The storage engine (commitlog, indexes, retention).
+    pub storage: StorageSection,
+    /// The MQTT gateway's protocol limits.
+    pub mqtt: MqttSection,
+    /// Where clients connect.
+    pub listener: ListenerSection,
+    /// What is logged.
+    pub log: LogSection,
+}
+
+/// `[node]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// Tags every log line, so that the logs of several nodes can be told apart.
+    pub name: String,
+    /// Where storage keeps its files; the one piece of state a node owns on disk.
+    pub data_dir: PathBuf,
+    /// How many IO arbiters run connections; 0 means one per core (see
+    /// [`Config::io_threads`]), so that the default fits the machine.
+    pub io_threads: usize,
+}
+
+/// How acknowledged messages reach the disk (`storage.flush`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flush {
+    /// fsync before the acknowledgement.
+    Sync,
+    /// fsync every `flush_interval_ms`.
+    Async,
+}
+
+impl<'de> Deserialize<'de> for Flush {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Flush, D::Error> {
+        // By hand, so that the error lists the choices (the config crate prefixes the
+        // key to it).
+        match String::deserialize(d)?.as_str() {
+            "sync" => Ok(Flush::Sync),
+            "async" => Ok(Flush::Async),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?} is not a flush mode (\"sync\" or \"async\")"
+            ))),
+        }
+    }
+}
+
+/// Deserialises an `IP:port` address with an error that shows the bad value.
+fn socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{s:?} is not an IP:port address such as \"0.0.0.0:1883\""
+        ))
+    })
+}
+
+/// `[storage]`: every [`StorageConfig`] field but `dir` (which is `node.data_dir`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    /// Segment size at which the commitlog rolls; also the granularity of retention.
+    pub segment_bytes: u64,
+    /// Durability of an acknowledgement: the trade between latency and power-loss risk.
+    pub flush: Flush,
+    /// The fsync period of `async` mode, i.e. the window a power loss may lose.
+    pub flush_interval_ms: u64,
+    /// Age limit of sealed segments, in hours (operators think in hours, not seconds).
+    #[serde(default)]
+    pub retention_hours: Option<u64>,
+    /// Size limit of the log, so that a busy node cannot fill its disk.
+    #[serde(default)]
+    pub retention_bytes: Option<u64>,
+    /// Queue index actors; more shards spread index work over more mailboxes.
+    pub index_shards: usize,
+    /// Notifier actors; more shards spread arrival fan-out.
+    pub notifier_shards: usize,
+    /// Idle time after which a queue's index leaves memory, which bounds memory with
+    /// many short-lived queues.
+    pub queue_idle_secs: u64,
+    /// Cap on open segment and index files, so that 100k queues do not need 100k fds.
+    pub max_open_files: usize,
+    /// Largest record accepted, so that one publish cannot exhaust memory.
+    pub max_record_bytes: usize,
+}
+
+/// `[mqtt]`: every [`MqttConfig`] field, with the same meaning.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSection {
+    /// Bounds the memory one connection may use to buffer a packet.
+    pub max_packet_size: u32,
+    /// Inbound QoS 1/2 window advertised to v5 clients: our back-pressure on publishers.
+    pub receive_maximum: u16,
+    /// Outbound QoS 1/2 window per session: bounds what a slow subscriber holds.
+    pub max_inflight: u16,
+    /// Inbound topic aliases a v5 client may set up (memory per connection).
+    pub topic_alias_maximum: u16,
+    /// Bounds the work of matching one topic against the filter trie.
+    pub max_topic_levels: usize,
+    /// Bounds the memory of the client registry's keys.
+    pub max_client_id_len: usize,
+    /// Closes connections that never send CONNECT, which would otherwise hold a slot.
+    pub connect_timeout_secs: u64,
+    /// Lets the server impose a keep-alive so that dead clients are noticed.
+    pub max_keepalive_secs: u16,
+    /// Bounds how long an offline persistent session holds state and queues.
+    pub max_session_expiry_secs: u32,
+    /// Messages per pull: larger batches mean fewer storage round trips.
+    pub pull_batch: usize,
+    /// Bytes queued for a socket before the session stops pulling: slow-client bound.
+    pub max_write_buffer: usize,
+    /// Lets an operator turn retained messages off (advertised to v5 clients).
+    pub retain_available: bool,
+    /// Bounds the retained store; 0 means unlimited.
+    pub max_retained: usize,
+    /// Subscription shard actors; more shards spread routing over more mailboxes.
+    pub subscription_shards: usize,
+    /// Some clients connect with an empty id and expect the server to assign one.
+    pub allow_empty_client_id: bool,
+}
+
+/// `[listener]`: the sockets clients connect to.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    /// Plain MQTT over TCP (`[listener.tcp]`).
+    pub tcp: TcpListenerSection,
+    /// MQTT over WebSocket (`[listener.ws]`); read and checked, not served yet.
+    pub ws: WsListenerSection,
+}
+
+/// `[listener.tcp]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpListenerSection {
+    /// Lets a node run without plain TCP (e.g. WebSocket only, or an embedded node).
+    pub enabled: bool,
+    /// Address and port to listen on; port 0 picks a free port (tests use this).
+    #[serde(deserialize_with = "socket_addr")]
+    pub bind: SocketAddr,
+    /// Connections beyond this are closed at once, so that a flood cannot exhaust fds.
+    pub max_connections: usize,
+}
+
+/// `[listener.ws]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WsListenerSection {
+    /// Whether the WebSocket listener should run (it is not implemented yet).
+    pub enabled: bool,
+    /// Address and port to listen on.
+    #[serde(deserialize_with = "socket_addr")]
+    pub bind: SocketAddr,
+    /// HTTP path of the endpoint, which browsers' MQTT clients put in their URL.
+    pub path: String,
+    /// Connections beyond this are closed at once.
+    pub max_connections: usize,
+}
+
+/// `[log]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// Least severe level written; one of [`LOG_LEVELS`].
+    pub level: String,
+}
+
+/// The accepted values of `log.level`, most verbose first.
+pub const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warning", "error", "critical"];
+
+impl Default for Config {
+    /// The built-in default ([`DEFAULT_TOML`]), without file or environment layers.
+    fn default() -> Self {
+        Config::load_layers(None, Some(HashMap::new()))
+            .expect("the built-in conf/actimq.toml is valid (checked by a unit test)")
+    }
+}
+
+impl Config {
+    /// Load the configuration as the binary does: the built-in default, then `file` if
+    /// given, then the `ACTIMQ__*` environment variables; then validate it.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_layers(file, None)
+    }
+
+    /// [`Config::load`] with the environment given as a map instead of read from the
+    /// process (`None` reads the process environment). Tests use this so that they do
+    /// not race on the process-wide environment.
+    pub fn load_layers(
+        file: Option<&Path>,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
+        let mut builder = ::config::Config::builder().add_source(::config::File::from_str(
+            DEFAULT_TOML,
+            ::config::FileFormat::Toml,
+        ));
+        if let Some(file) = file {
+            builder = builder.add_source(
+                ::config::File::from(file)
+                    .format(::config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        builder = builder.add_source(
+            ::config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .source(env),
+        );
+        let cfg: Config = builder.build()?.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Check the values that deserialise but are not allowed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(key: &'static str, problem: impl Into<String>) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid {
+                key,
+                problem: problem.into(),
+            })
+        }
+        fn positive(key: &'static str, v: u64) -> Result<(), ConfigError> {
+            if v == 0 {
+                return bad(key, "must be greater than 0");
+            }
+            Ok(())
+        }
+
+        if self.node.name.trim().is_empty() {
+            bad("node.name", "must not be empty")?;
+        }
+        if self.node.data_dir.as_os_str().is_empty() {
+            bad("node.data_dir", "must not be empty")?;
+        }
+
+        let s = &self.storage;
+        if s.segment_bytes < MIN_SEGMENT_BYTES {
+            bad(
+                "storage.segment_bytes",
+                format!(
+                    "{} is below the minimum of {MIN_SEGMENT_BYTES}",
+                    s.segment_bytes
+                ),
+            )?;
+        }
+        if s.flush == Flush::Async {
+            positive("storage.flush_interval_ms", s.flush_interval_ms)?;
+        }
+        if let Some(h) = s.retention_hours {
+            positive("storage.retention_hours", h)?;
+            if h.checked_mul(3600).is_none() {
+                bad("storage.retention_hours", "is too large")?;
+            }
+        }
+        if let Some(b) = s.retention_bytes {
+            positive("storage.retention_bytes", b)?;
+        }
+        positive("storage.index_shards", s.index_shards as u64)?;
+        positive("storage.notifier_shards", s.notifier_shards as u64)?;
+        positive("storage.max_open_files", s.max_open_files as u64)?;
+        if !(MIN_RECORD_BYTES..=HARD_MAX_RECORD_BYTES).contains(&s.max_record_bytes) {
+            bad(
+                "storage.max_record_bytes",
+                format!(
+                    "{} is outside {MIN_RECORD_BYTES}..={HARD_MAX_RECORD_BYTES}",
+                    s.max_record_bytes
+                ),
+            )?;
+        }
+
+        let m = &self.mqtt;
+        if m.max_packet_size == 0 || m.max_packet_size > MQTT_MAX_PACKET_SIZE {
+            bad(
+                "mqtt.max_packet_size",
+                format!(
+                    "{} is outside 1..={MQTT_MAX_PACKET_SIZE} (the MQTT limit)",
+                    m.max_packet_size
+                ),
+            )?;
+        }
+        positive("mqtt.receive_maximum", m.receive_maximum as u64)?;
+        positive("mqtt.max_inflight", m.max_inflight as u64)?;
+        positive("mqtt.max_topic_levels", m.max_topic_levels as u64)?;
+        if m.max_client_id_len < 23 {
+            bad(
+                "mqtt.max_client_id_len",
+                format!(
+                    "{} is below 23, the length every server must accept (MQTT-3.1.3-5)",
+                    m.max_client_id_len
+                ),
+            )?;
+        }
+        positive("mqtt.connect_timeout_secs", m.connect_timeout_secs)?;
+        positive("mqtt.pull_batch", m.pull_batch as u64)?;
+        positive("mqtt.max_write_buffer", m.max_write_buffer as u64)?;
+        positive("mqtt.subscription_shards", m.subscription_shards as u64)?;
+
+        positive(
+            "listener.tcp.max_connections",
+            self.listener.tcp.max_connections as u64,
+        )?;
+        positive(
+            "listener.ws.max_connections",
+            self.listener.ws.max_connections as u64,
+        )?;
+        if !self.listener.ws.path.starts_with('/') {
+            bad(
+                "listener.ws.path",
+                format!("{:?} must start with \"/\"", self.listener.ws.path),
+            )?;
+        }
+        if self.listener.tcp.enabled
+            && self.listener.ws.enabled
+            && self.listener.tcp.bind == self.listener.ws.bind
+            && self.listener.tcp.bind.port() != 0
+        {
+            bad(
+                "listener.ws.bind",
+                format!("{} is also listener.tcp.bind", self.listener.ws.bind),
+            )?;
+        }
+
+        if !LOG_LEVELS.contains(&self.log.level.as_str()) {
+            bad(
+                "log.level",
+                format!(
+                    "{:?} is not one of {}",
+                    self.log.level,
+                    LOG_LEVELS.join(", ")
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The number of IO arbiters to start: `node.io_threads`, or one per core if 0.
+    pub fn io_threads(&self) -> usize {
+        match self.node.io_threads {
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            n => n,
+        }
+    }
+
+    /// The storage engine's settings (its directory is `node.data_dir`).
+    pub fn storage_config(&self) -> StorageConfig {
+        let s = &self.storage;
+        StorageConfig {
+            dir: self.node.data_dir.clone(),
+            segment_bytes: s.segment_bytes,
+            flush: match s.flush {
+                Flush::Sync => FlushMode::Sync,
+                Flush::Async => FlushMode::Async,
+            },
+            flush_interval_ms: s.flush_interval_ms,
+            // validate() has checked that the product fits.
+            retention_secs: s.retention_hours.map(|h| h.saturating_mul(3600)),
+            retention_bytes: s.retention_bytes,
+            index_shards: s.index_shards,
+            notifier_shards: s.notifier_shards,
+            queue_idle_secs: s.queue_idle_secs,
+            max_open_files: s.max_open_files,
+            max_record_bytes: s.max_record_bytes,
+        }
+    }
+
+    /// The MQTT gateway's settings.
+    pub fn mqtt_config(&self) -> MqttConfig {
+        let m = &self.mqtt;
+        MqttConfig {
+            max_packet_size: m.max_packet_size,
+            receive_maximum: m.receive_maximum,
+            max_inflight: m.max_inflight,
+            topic_alias_maximum: m.topic_alias_maximum,
+            max_topic_levels: m.max_topic_levels,
+            max_client_id_len: m.max_client_id_len,
+            connect_timeout_secs: m.connect_timeout_secs,
+            max_keepalive_secs: m.max_keepalive_secs,
+            max_session_expiry_secs: m.max_session_expiry_secs,
+            pull_batch: m.pull_batch,
+            max_write_buffer: m.max_write_buffer,
+            retain_available: m.retain_available,
+            max_retained: m.max_retained,
+            subscription_shards: m.subscription_shards,
+            allow_empty_client_id: m.allow_empty_client_id,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn load_env(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::load_layers(None, env(pairs))
+    }
+
+    /// The error message for one bad environment value.
+    fn env_error(key: &str, value: &str) -> String {
+        match load_env(&[(key, value)]) {
+            Ok(_) => panic!("{key}={value} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn embedded_default_is_complete_and_valid() {
+        let cfg = Config::default();
+        assert_eq!(cfg.node.name, "actimq");
+        assert_eq!(cfg.node.data_dir, PathBuf::from("./data"));
+        assert_eq!(cfg.listener.tcp.bind, "0.0.0.0:1883".parse().unwrap());
+        assert!(cfg.listener.tcp.enabled);
+        assert_eq!(cfg.listener.ws.bind, "0.0.0.0:8083".parse().unwrap());
+        assert_eq!(cfg.listener.ws.path, "/mqtt");
+        assert_eq!(cfg.storage.flush, Flush::Async);
+        assert_eq!(cfg.storage.retention_hours, None);
+        assert_eq!(cfg.storage.retention_bytes, None);
+        assert_eq!(cfg.log.level, "info");
+        assert!(cfg.io_threads() >= 1);
+    }
+
+    #[test]
+    fn embedded_default_is_the_file_in_conf() {
+        let on_disk =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/actimq.toml"))
+                .unwrap();
+        assert_eq!(on_disk, DEFAULT_TOML);
+    }
+
+    /// The defaults written in conf/actimq.toml are the ones the gateway itself uses,
+    /// so the documentation cannot drift from the code.
+    #[test]
+    fn mqtt_defaults_match_the_gateway() {
+        let ours = Config::default().mqtt_config();
+        assert_eq!(format!("{ours:?}"), format!("{:?}", MqttConfig::default()));
+    }
+
+    /// Likewise for the storage engine (except `dir`, which comes from `node.data_dir`).
+    #[test]
+    fn storage_defaults_match_the_engine() {
+        let ours = Config::default().storage_config();
+        let engine = StorageConfig {
+            dir: ours.dir.clone(),
+            ..StorageConfig::default()
+        };
+        assert_eq!(format!("{ours:?}"), format!("{engine:?}"));
+    }
+
+    #[test]
+    fn file_layer_overrides_default_and_env_overrides_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "[node]\nname = \"from-file\"\n[storage]\nflush = \"sync\"\nsegment_bytes = 4096\n",
+        )
+        .unwrap();
+        let cfg = Config::load_layers(Some(&path), env(&[])).unwrap();
+        assert_eq!(cfg.node.name, "from-file");
+        assert_eq!(cfg.storage.flush, Flush::Sync);
+        assert_eq!(cfg.storage.segment_bytes, 4096);
+        // Keys the file does not name keep their defaults.
+        assert_eq!(cfg.node.data_dir, PathBuf::from("./data"));
+
+        let cfg = Config::load_layers(
+            Some(&path),
+            env(&[
+                ("ACTIMQ__NODE__NAME", "from-env"),
+                ("ACTIMQ__STORAGE__SEGMENT_BYTES", "8192"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.node.name, "from-env");
+        assert_eq!(cfg.storage.segment_bytes, 8192);
+        assert_eq!(cfg.storage.flush, Flush::Sync, "file value kept");
+    }
+
+    #[test]
+    fn env_overrides_nested_keys_with_double_underscores() {
+        let cfg = load_env(&[
+            ("ACTIMQ__LISTENER__TCP__BIND", "127.0.0.1:0"),
+            ("ACTIMQ__LISTENER__WS__ENABLED", "false"),
+            ("ACTIMQ__NODE__DATA_DIR", "/tmp/x"),
+            ("ACTIMQ__NODE__IO_THREADS", "3"),
+            ("ACTIMQ__STORAGE__RETENTION_HOURS", "24"),
+            ("ACTIMQ__MQTT__MAX_PACKET_SIZE", "65536"),
+            ("ACTIMQ__LOG__LEVEL", "debug"),
+            // Not ours: ignored.
+            ("ACTIMQ_OTHER", "x"),
+            ("HOME", "/root"),
+        ])
+        .unwrap();
+        assert_eq!(cfg.listener.tcp.bind, "127.0.0.1:0".parse().unwrap());
+        assert!(!cfg.listener.ws.enabled);
+        assert_eq!(cfg.node.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(cfg.io_threads(), 3);
+        assert_eq!(cfg.storage.retention_hours, Some(24));
+        assert_eq!(cfg.storage_config().retention_secs, Some(24 * 3600));
+        assert_eq!(cfg.mqtt.max_packet_size, 65536);
+        assert_eq!(cfg.log.level, "debug");
+    }
+
+    #[test]
+    fn missing_config_file_is_an_error_naming_it() {
+        let err = Config::load_layers(Some(Path::new("/nonexistent/actimq.toml")), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/actimq.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_toml_in_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[storage\nflush = ").unwrap();
+        let err = Config::load_layers(Some(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad.toml"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = env_error("ACTIMQ__STORAGE__SEGMENT_SIZE", "10");
+        assert!(err.contains("segment_size"), "{err}");
+    }
+
+    #[test]
+    fn zero_or_tiny_segment_size_is_rejected() {
+        let err = env_error("ACTIMQ__STORAGE__SEGMENT_BYTES", "0");
+        assert_eq!(
+            err,
+            "invalid value for `storage.segment_bytes`: 0 is below the minimum of 4096"
+        );
+        let err = env_error("ACTIMQ__STORAGE__SEGMENT_BYTES", "4095");
+        assert!(err.contains("storage.segment_bytes"), "{err}");
+        load_env(&[("ACTIMQ__STORAGE__SEGMENT_BYTES", "4096")]).unwrap();
+    }
+
+    #[test]
+    fn record_size_outside_the_engine_limits_is_rejected() {
+        let err = env_error("ACTIMQ__STORAGE__MAX_RECORD_BYTES", "1023");
+        assert!(
+            err.starts_with("invalid value for `storage.max_record_bytes`"),
+            "{err}"
+        );
+        let err = env_error("ACTIMQ__STORAGE__MAX_RECORD_BYTES", "67108865");
+        assert!(err.contains("67108864"), "{err}");
+    }
+
+    #[test]
+    fn unknown_flush_mode_is_rejected() {
+        let err = env_error("ACTIMQ__STORAGE__FLUSH", "sometimes");
+        assert!(err.contains("storage.flush"), "{err}");
+        assert!(err.contains("sometimes"), "{err}");
+        assert!(err.contains("sync") && err.contains("async"), "{err}");
+    }
+
+    #[test]
+    fn zero_flush_interval_is_rejected_in_async_mode_only() {
+        let err = env_error("ACTIMQ__STORAGE__FLUSH_INTERVAL_MS", "0");
+        assert!(err.contains("storage.flush_interval_ms"), "{err}");
+        load_env(&[
+            ("ACTIMQ__STORAGE__FLUSH", "sync"),
+            ("ACTIMQ__STORAGE__FLUSH_INTERVAL_MS", "0"),
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn zero_retention_is_rejected() {
+        let err = env_error("ACTIMQ__STORAGE__RETENTION_HOURS", "0");
+        assert!(err.contains("storage.retention_hours"), "{err}");
+        let err = env_error("ACTIMQ__STORAGE__RETENTION_BYTES", "0");
+        assert!(err.contains("storage.retention_bytes"), "{err}");
+        let err = env_error("ACTIMQ__STORAGE__RETENTION_HOURS", "18446744073709551615");
+        assert!(err.contains("storage.retention_hours"), "{err}");
+    }
+
+    #[test]
+    fn zero_shards_and_limits_are_rejected() {
+        for (var, key) in [
+            ("ACTIMQ__STORAGE__INDEX_SHARDS", "storage.index_shards"),
+            (
+                "ACTIMQ__STORAGE__NOTIFIER_SHARDS",
+                "storage.notifier_shards",
+            ),
+            ("ACTIMQ__STORAGE__MAX_OPEN_FILES", "storage.max_open_files"),
+            ("ACTIMQ__MQTT__RECEIVE_MAXIMUM", "mqtt.receive_maximum"),
+            ("ACTIMQ__MQTT__MAX_INFLIGHT", "mqtt.max_inflight"),
+            ("ACTIMQ__MQTT__MAX_TOPIC_LEVELS", "mqtt.max_topic_levels"),
+            (
+                "ACTIMQ__MQTT__CONNECT_TIMEOUT_SECS",
+                "mqtt.connect_timeout_secs",
+            ),
+            ("ACTIMQ__MQTT__PULL_BATCH", "mqtt.pull_batch"),
+            ("ACTIMQ__MQTT__MAX_WRITE_BUFFER", "mqtt.max_write_buffer"),
+            (
+                "ACTIMQ__MQTT__SUBSCRIPTION_SHARDS",
+                "mqtt.subscription_shards",
+            ),
+            (
+                "ACTIMQ__LISTENER__TCP__MAX_CONNECTIONS",
+                "listener.tcp.max_connections",
+            ),
+            (
+                "ACTIMQ__LISTENER__WS__MAX_CONNECTIONS",
+                "listener.ws.max_connections",
+            ),
+        ] {
+            let err = env_error(var, "0");
+            assert_eq!(
+                err,
+                format!("invalid value for `{key}`: must be greater than 0")
+            );
+        }
+    }
+
+    #[test]
+    fn max_packet_size_above_the_protocol_limit_is_rejected() {
+        let err = env_error("ACTIMQ__MQTT__MAX_PACKET_SIZE", "268435456");
+        assert!(
+            err.starts_with("invalid value for `mqtt.max_packet_size`"),
+            "{err}"
+        );
+        assert!(err.contains("268435455"), "{err}");
+        load_env(&[("ACTIMQ__MQTT__MAX_PACKET_SIZE", "268435455")]).unwrap();
+        let err = env_error("ACTIMQ__MQTT__MAX_PACKET_SIZE", "0");
+        assert!(err.contains("mqtt.max_packet_size"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_integer_names_the_key() {
+        let err = env_error("ACTIMQ__MQTT__RECEIVE_MAXIMUM", "70000");
+        assert!(err.contains("mqtt.receive_maximum"), "{err}");
+        let err = env_error("ACTIMQ__STORAGE__SEGMENT_BYTES", "lots");
+        assert!(err.contains("storage.segment_bytes"), "{err}");
+    }
+
+    #[test]
+    fn short_client_id_limit_is_rejected() {
+        let err = env_error("ACTIMQ__MQTT__MAX_CLIENT_ID_LEN", "22");
+        assert!(err.contains("mqtt.max_client_id_len"), "{err}");
+        assert!(err.contains("23"), "{err}");
+    }
+
+    #[test]
+    fn unparseable_bind_is_rejected() {
+        let err = env_error("ACTIMQ__LISTENER__TCP__BIND", "localhost");
+        assert!(err.contains("listener.tcp.bind"), "{err}");
+        assert!(err.contains("localhost"), "{err}");
+        let err = env_error("ACTIMQ__LISTENER__WS__BIND", "1.2.3.4:99999");
+        assert!(err.contains("listener.ws.bind"), "{err}");
+    }
+
+    #[test]
+    fn same_bind_for_both_listeners_is_rejected() {
+        let err = load_env(&[
+            ("ACTIMQ__LISTENER__TCP__BIND", "127.0.0.1:1883"),
+            ("ACTIMQ__LISTENER__WS__BIND", "127.0.0.1:1883"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("listener.ws.bind"), "{err}");
+    }
+
+    #[test]
+    fn ws_path_must_be_absolute() {
+        let err = env_error("ACTIMQ__LISTENER__WS__PATH", "mqtt");
+        assert!(err.contains("listener.ws.path"), "{err}");
+    }
+
+    #[test]
+    fn bad_bool_names_the_key() {
+        let err = env_error("ACTIMQ__MQTT__RETAIN_AVAILABLE", "maybe");
+        assert!(err.contains("mqtt.retain_available"), "{err}");
+    }
+
+    #[test]
+    fn unknown_log_level_is_rejected() {
+        let err = env_error("ACTIMQ__LOG__LEVEL", "loud");
+        assert!(err.contains("log.level"), "{err}");
+        assert!(err.contains("loud"), "{err}");
+    }
+
+    #[test]
+    fn empty_name_is_rejected() {
+        let err = env_error("ACTIMQ__NODE__NAME", " ");
+        assert!(err.contains("node.name"), "{err}");
+    }
+}
