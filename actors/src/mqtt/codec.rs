@@ -104,14 +104,33 @@ pub struct Publish {
 pub enum Inbound {
     Connect(Box<Connect>),
     Publish(Box<Publish>),
-    PubAck { packet_id: u16 },
-    PubRec { packet_id: u16, failed: bool },
-    PubRel { packet_id: u16 },
-    PubComp { packet_id: u16 },
-    Subscribe { packet_id: u16, sub_id: Option<u32>, filters: Vec<(String, SubOpts)> },
-    Unsubscribe { packet_id: u16, filters: Vec<String> },
+    PubAck {
+        packet_id: u16,
+    },
+    PubRec {
+        packet_id: u16,
+        failed: bool,
+    },
+    PubRel {
+        packet_id: u16,
+    },
+    PubComp {
+        packet_id: u16,
+    },
+    Subscribe {
+        packet_id: u16,
+        sub_id: Option<u32>,
+        filters: Vec<(String, SubOpts)>,
+    },
+    Unsubscribe {
+        packet_id: u16,
+        filters: Vec<String>,
+    },
     PingReq,
-    Disconnect { reason: u8, session_expiry: Option<u32> },
+    Disconnect {
+        reason: u8,
+        session_expiry: Option<u32>,
+    },
     Auth,
     /// A packet only a server may send (CONNACK, SUBACK, ...): a protocol error.
     ServerOnly,
@@ -122,6 +141,9 @@ pub enum Inbound {
 pub struct DecodeFailure {
     pub reason: u8,
     pub message: String,
+    /// Set when a CONNECT of this version was refused while decoding (empty client id
+    /// without clean start, MQTT-3.1.3-8): answer with a CONNACK, not just a close.
+    pub refuse: Option<Proto>,
 }
 
 impl From<DecodeError> for DecodeFailure {
@@ -135,6 +157,7 @@ impl From<DecodeError> for DecodeFailure {
         DecodeFailure {
             reason,
             message: e.to_string(),
+            refuse: None,
         }
     }
 }
@@ -144,6 +167,7 @@ impl From<std::io::Error> for DecodeFailure {
         DecodeFailure {
             reason: 0x80,
             message: e.to_string(),
+            refuse: None,
         }
     }
 }
@@ -186,9 +210,31 @@ impl Decoder for MqttDecoder {
                         self.state = State::V5(v5::Codec::new(self.max_packet_size, 0))
                     }
                 },
-                State::V3(c) => return Ok(c.decode(src)?.map(|(p, _)| from_v3(p))),
-                State::V5(c) => return Ok(c.decode(src)?.map(|(p, _)| from_v5(p))),
+                State::V3(c) => {
+                    return Ok(c
+                        .decode(src)
+                        .map_err(refusal(Proto::V3(4)))?
+                        .map(|(p, _)| from_v3(p)))
+                }
+                State::V5(c) => {
+                    return Ok(c
+                        .decode(src)
+                        .map_err(refusal(Proto::V5))?
+                        .map(|(p, _)| from_v5(p)))
+                }
             }
+        }
+    }
+}
+
+/// The crate refuses an empty client id without clean start while decoding CONNECT;
+/// turn that into a CONNACK 0x85 (v3: 0x02 Identifier rejected) instead of a bare close.
+fn refusal(proto: Proto) -> impl Fn(DecodeError) -> DecodeFailure {
+    move |e| {
+        let refuse = matches!(e, DecodeError::InvalidClientId).then_some(proto);
+        DecodeFailure {
+            refuse,
+            ..DecodeFailure::from(e)
         }
     }
 }
@@ -291,10 +337,9 @@ fn from_v3(p: v3::Packet) -> Inbound {
             reason: 0,
             session_expiry: None,
         },
-        P::ConnectAck(_)
-        | P::SubscribeAck { .. }
-        | P::UnsubscribeAck { .. }
-        | P::PingResponse => Inbound::ServerOnly,
+        P::ConnectAck(_) | P::SubscribeAck { .. } | P::UnsubscribeAck { .. } | P::PingResponse => {
+            Inbound::ServerOnly
+        }
     }
 }
 
@@ -412,10 +457,9 @@ fn from_v5(p: v5::Packet) -> Inbound {
             session_expiry: d.session_expiry_interval_secs,
         },
         P::Auth(_) => Inbound::Auth,
-        P::ConnectAck(_)
-        | P::SubscribeAck(_)
-        | P::UnsubscribeAck(_)
-        | P::PingResponse => Inbound::ServerOnly,
+        P::ConnectAck(_) | P::SubscribeAck(_) | P::UnsubscribeAck(_) | P::PingResponse => {
+            Inbound::ServerOnly
+        }
     }
 }
 
@@ -559,7 +603,11 @@ impl Encoder {
                     .collect(),
                 is_utf8_payload: props.payload_format == Some(1),
                 response_topic: props.response_topic.as_deref().map(bs),
-                subscription_ids: p.sub_ids.iter().filter_map(|i| NonZeroU32::new(*i)).collect(),
+                subscription_ids: p
+                    .sub_ids
+                    .iter()
+                    .filter_map(|i| NonZeroU32::new(*i))
+                    .collect(),
             })
         } else {
             None
@@ -599,36 +647,90 @@ impl Encoder {
         }
     }
 
-    pub fn puback(&mut self, packet_id: u16, reason: u8, dst: &mut BytesMut) -> Result<(), EncodeFailure> {
+    pub fn puback(
+        &mut self,
+        packet_id: u16,
+        reason: u8,
+        dst: &mut BytesMut,
+    ) -> Result<(), EncodeFailure> {
         match self.proto {
-            Proto::V3(_) => self.put3(v3::Packet::PublishAck { packet_id: nz16(packet_id) }, dst),
+            Proto::V3(_) => self.put3(
+                v3::Packet::PublishAck {
+                    packet_id: nz16(packet_id),
+                },
+                dst,
+            ),
             Proto::V5 => self.put5(v5::Packet::PublishAck(Self::ack5(packet_id, reason)), dst),
         }
     }
 
-    pub fn pubrec(&mut self, packet_id: u16, reason: u8, dst: &mut BytesMut) -> Result<(), EncodeFailure> {
+    pub fn pubrec(
+        &mut self,
+        packet_id: u16,
+        reason: u8,
+        dst: &mut BytesMut,
+    ) -> Result<(), EncodeFailure> {
         match self.proto {
-            Proto::V3(_) => self.put3(v3::Packet::PublishReceived { packet_id: nz16(packet_id) }, dst),
-            Proto::V5 => self.put5(v5::Packet::PublishReceived(Self::ack5(packet_id, reason)), dst),
+            Proto::V3(_) => self.put3(
+                v3::Packet::PublishReceived {
+                    packet_id: nz16(packet_id),
+                },
+                dst,
+            ),
+            Proto::V5 => self.put5(
+                v5::Packet::PublishReceived(Self::ack5(packet_id, reason)),
+                dst,
+            ),
         }
     }
 
-    pub fn pubrel(&mut self, packet_id: u16, reason: u8, dst: &mut BytesMut) -> Result<(), EncodeFailure> {
+    pub fn pubrel(
+        &mut self,
+        packet_id: u16,
+        reason: u8,
+        dst: &mut BytesMut,
+    ) -> Result<(), EncodeFailure> {
         match self.proto {
-            Proto::V3(_) => self.put3(v3::Packet::PublishRelease { packet_id: nz16(packet_id) }, dst),
-            Proto::V5 => self.put5(v5::Packet::PublishRelease(Self::ack5_2(packet_id, reason)), dst),
+            Proto::V3(_) => self.put3(
+                v3::Packet::PublishRelease {
+                    packet_id: nz16(packet_id),
+                },
+                dst,
+            ),
+            Proto::V5 => self.put5(
+                v5::Packet::PublishRelease(Self::ack5_2(packet_id, reason)),
+                dst,
+            ),
         }
     }
 
-    pub fn pubcomp(&mut self, packet_id: u16, reason: u8, dst: &mut BytesMut) -> Result<(), EncodeFailure> {
+    pub fn pubcomp(
+        &mut self,
+        packet_id: u16,
+        reason: u8,
+        dst: &mut BytesMut,
+    ) -> Result<(), EncodeFailure> {
         match self.proto {
-            Proto::V3(_) => self.put3(v3::Packet::PublishComplete { packet_id: nz16(packet_id) }, dst),
-            Proto::V5 => self.put5(v5::Packet::PublishComplete(Self::ack5_2(packet_id, reason)), dst),
+            Proto::V3(_) => self.put3(
+                v3::Packet::PublishComplete {
+                    packet_id: nz16(packet_id),
+                },
+                dst,
+            ),
+            Proto::V5 => self.put5(
+                v5::Packet::PublishComplete(Self::ack5_2(packet_id, reason)),
+                dst,
+            ),
         }
     }
 
     /// SUBACK with one v5 reason code per filter (0..=2 granted QoS, >= 0x80 failure).
-    pub fn suback(&mut self, packet_id: u16, codes: &[u8], dst: &mut BytesMut) -> Result<(), EncodeFailure> {
+    pub fn suback(
+        &mut self,
+        packet_id: u16,
+        codes: &[u8],
+        dst: &mut BytesMut,
+    ) -> Result<(), EncodeFailure> {
         match self.proto {
             Proto::V3(_) => self.put3(
                 v3::Packet::SubscribeAck {
@@ -661,9 +763,19 @@ impl Encoder {
         }
     }
 
-    pub fn unsuback(&mut self, packet_id: u16, codes: &[u8], dst: &mut BytesMut) -> Result<(), EncodeFailure> {
+    pub fn unsuback(
+        &mut self,
+        packet_id: u16,
+        codes: &[u8],
+        dst: &mut BytesMut,
+    ) -> Result<(), EncodeFailure> {
         match self.proto {
-            Proto::V3(_) => self.put3(v3::Packet::UnsubscribeAck { packet_id: nz16(packet_id) }, dst),
+            Proto::V3(_) => self.put3(
+                v3::Packet::UnsubscribeAck {
+                    packet_id: nz16(packet_id),
+                },
+                dst,
+            ),
             Proto::V5 => self.put5(
                 v5::Packet::UnsubscribeAck(v5::UnsubscribeAck {
                     packet_id: nz16(packet_id),
@@ -690,7 +802,12 @@ impl Encoder {
     }
 
     /// DISCONNECT from the server: v5 only (a v3 server just closes the connection).
-    pub fn disconnect(&mut self, reason: u8, reason_string: Option<&str>, dst: &mut BytesMut) -> Result<(), EncodeFailure> {
+    pub fn disconnect(
+        &mut self,
+        reason: u8,
+        reason_string: Option<&str>,
+        dst: &mut BytesMut,
+    ) -> Result<(), EncodeFailure> {
         match self.proto {
             Proto::V3(_) => Ok(()),
             Proto::V5 => self.put5(
@@ -757,7 +874,8 @@ mod tests {
         let mut seed = 0x12345678u32;
         for _ in 0..2000 {
             let mut d = MqttDecoder::new(1024);
-            let mut bytes = BytesMut::from(&b"\x10\x0f\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x03abc"[..]);
+            let mut bytes =
+                BytesMut::from(&b"\x10\x0f\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x03abc"[..]);
             for _ in 0..64 {
                 seed ^= seed << 13;
                 seed ^= seed >> 17;

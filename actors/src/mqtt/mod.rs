@@ -120,9 +120,7 @@ impl Gateway {
     ) -> Result<Gateway, crate::storage::StorageError> {
         let route_epoch = Arc::new(AtomicU64::new(0));
         let shards: Vec<_> = (0..cfg.subscription_shards.max(1))
-            .map(|i| {
-                shard::SubscriptionShard::new(i, route_epoch.clone(), log.clone()).start()
-            })
+            .map(|i| shard::SubscriptionShard::new(i, route_epoch.clone(), log.clone()).start())
             .collect();
         let retain = retain::RetainStore::load(&storage, &cfg, log.clone())
             .await?
@@ -141,7 +139,9 @@ impl Gateway {
             }),
         };
         registry
-            .send(registry::Restore { gateway: gw.clone() })
+            .send(registry::Restore {
+                gateway: gw.clone(),
+            })
             .await
             .map_err(|_| crate::storage::StorageError::Closed)??;
         Ok(gw)
@@ -158,11 +158,7 @@ impl Gateway {
 
     /// Number of live MQTT connections.
     pub async fn connections(&self) -> usize {
-        self.inner
-            .registry
-            .send(registry::Count)
-            .await
-            .unwrap_or(0)
+        self.inner.registry.send(registry::Count).await.unwrap_or(0)
     }
 
     /// Persist every live session's state and stop accepting work. Storage is shut down

@@ -165,7 +165,12 @@ impl ClientRegistry {
         }
     }
 
-    fn schedule_expiry(&mut self, client_id: Arc<str>, after: Option<Duration>, ctx: &mut Context<Self>) {
+    fn schedule_expiry(
+        &mut self,
+        client_id: Arc<str>,
+        after: Option<Duration>,
+        ctx: &mut Context<Self>,
+    ) {
         if let Some(h) = self.offline.remove(&client_id) {
             ctx.cancel_future(h);
         }
@@ -192,7 +197,11 @@ impl ClientRegistry {
         let gw = self.gateway.clone();
         let fut = async move {
             let key = session_key(&client_id);
-            if let Ok(Ok(Some(bytes))) = storage.kv.send(crate::storage::KvGet { key: key.clone() }).await {
+            if let Ok(Ok(Some(bytes))) = storage
+                .kv
+                .send(crate::storage::KvGet { key: key.clone() })
+                .await
+            {
                 if let (Some(state), Some(gw)) = (SessionState::decode(&bytes), gw) {
                     remove_routes(&gw, &client_id, &state.subs);
                 }
@@ -252,7 +261,13 @@ async fn delete_qos2(storage: &Storage, client_id: &str) {
 /// Load the inbound QoS 2 packet ids of `client_id`.
 pub async fn load_qos2(storage: &Storage, client_id: &str) -> Vec<u16> {
     let prefix = format!("{QOS2_PREFIX}{client_id}/");
-    match storage.kv.send(KvScan { prefix: prefix.clone() }).await {
+    match storage
+        .kv
+        .send(KvScan {
+            prefix: prefix.clone(),
+        })
+        .await
+    {
         Ok(Ok(rows)) => rows
             .iter()
             .filter_map(|(k, _)| k.strip_prefix(&prefix)?.parse().ok())
@@ -346,9 +361,16 @@ impl Handler<Register> for ClientRegistry {
             let mut state: Option<SessionState> = None;
             if let Some(old) = old {
                 slog::info!(log, "session taken over"; "client_id" => &*cid);
-                match tokio::time::timeout(TAKEOVER_TIMEOUT, old.addr.send(Takeover { clean_start: clean })).await {
+                match tokio::time::timeout(
+                    TAKEOVER_TIMEOUT,
+                    old.addr.send(Takeover { clean_start: clean }),
+                )
+                .await
+                {
                     Ok(Ok(s)) => state = s,
-                    _ => slog::warn!(log, "old session did not hand over in time"; "client_id" => &*cid),
+                    _ => {
+                        slog::warn!(log, "old session did not hand over in time"; "client_id" => &*cid)
+                    }
                 }
             }
             // 2. Or resume an offline persistent session.
@@ -454,12 +476,13 @@ impl Handler<Shutdown> for ClientRegistry {
         let sessions: Vec<Addr<MqttSession>> = self.live.values().map(|l| l.addr.clone()).collect();
         let kv = self.storage.kv.clone();
         let fut = async move {
-            let closes = sessions
-                .into_iter()
-                .map(|a| async move { a.send(super::session::ServerShutdown).await.ok().flatten() });
-            let states = tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(closes))
-                .await
-                .unwrap_or_default();
+            let closes = sessions.into_iter().map(|a| async move {
+                a.send(super::session::ServerShutdown).await.ok().flatten()
+            });
+            let states =
+                tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(closes))
+                    .await
+                    .unwrap_or_default();
             for state in states.into_iter().flatten() {
                 let _ = kv
                     .send(KvPut {

@@ -172,6 +172,8 @@ pub struct MqttSession {
     dirty: bool,
     /// The registry has the state already (takeover, shutdown): don't unregister it.
     handed_off: bool,
+    /// CONNACK went out: only then is this session's state worth keeping.
+    was_connected: bool,
     ticks: u32,
 }
 
@@ -184,16 +186,17 @@ impl MqttSession {
         let (r, w) = tokio::io::split(io);
         let cfg = gw.config().clone();
         let conn_id = gw.next_id();
-        let log = gw
-            .inner
-            .log
-            .new(slog::o!("actor" => "mqtt_session", "conn" => conn_id, "peer" => peer.to_string()));
+        let log = gw.inner.log.new(
+            slog::o!("actor" => "mqtt_session", "conn" => conn_id, "peer" => peer.to_string()),
+        );
         MqttSession::create(move |ctx| {
             ctx.set_mailbox_capacity(64);
             let addr = ctx.address();
             let write_pending = Arc::new(AtomicUsize::new(0));
             let wants_drain = Arc::new(AtomicBool::new(false));
-            let permits = Arc::new(Semaphore::new((cfg.receive_maximum as usize).max(MAX_PUBLISH_BATCH)));
+            let permits = Arc::new(Semaphore::new(
+                (cfg.receive_maximum as usize).max(MAX_PUBLISH_BATCH),
+            ));
             let (tx, rx) = mpsc::unbounded_channel();
             actix::spawn(write_loop(
                 w,
@@ -244,6 +247,7 @@ impl MqttSession {
                 routes_epoch: u64::MAX,
                 dirty: false,
                 handed_off: false,
+                was_connected: false,
                 ticks: 0,
             }
         })
@@ -283,11 +287,21 @@ impl MqttSession {
     /// Close the connection: an optional v5 DISCONNECT reason first; `will` says
     /// whether the will message is published.
     fn close(&mut self, reason: Option<u8>, will: bool, ctx: &mut Context<Self>) {
+        self.close_with(reason, None, will, ctx)
+    }
+
+    fn close_with(
+        &mut self,
+        reason: Option<u8>,
+        why: Option<&str>,
+        will: bool,
+        ctx: &mut Context<Self>,
+    ) {
         if self.phase == Phase::Closed {
             return;
         }
         if let (Some(code), Proto::V5, Phase::Connected) = (reason, self.proto, self.phase) {
-            let _ = self.enc.disconnect(code, None, &mut self.out);
+            let _ = self.enc.disconnect(code, why, &mut self.out);
         }
         let was = self.phase;
         self.phase = Phase::Closed;
@@ -306,7 +320,7 @@ impl MqttSession {
 
     fn protocol_error(&mut self, code: u8, what: &str, ctx: &mut Context<Self>) {
         slog::info!(self.log, "protocol violation; closing"; "what" => what, "reason" => code);
-        self.close(Some(code), true, ctx);
+        self.close_with(Some(code), Some(what), true, ctx);
     }
 
     // ---------------------------------------------------------------- CONNECT
@@ -366,8 +380,10 @@ impl MqttSession {
             addr: ctx.address(),
             clean_start: c.clean_start,
         };
-        let capped = (c.proto.is_v5() && asked != self.session_expiry).then_some(self.session_expiry);
-        self.gw
+        let capped =
+            (c.proto.is_v5() && asked != self.session_expiry).then_some(self.session_expiry);
+        let reg = self
+            .gw
             .inner
             .registry
             .send(reg)
@@ -394,6 +410,7 @@ impl MqttSession {
                 };
                 let _ = act.enc.connack(&ack, &mut act.out);
                 act.phase = Phase::Connected;
+                act.was_connected = true;
                 slog::debug!(act.log, "connected"; "proto" => act.proto.level(), "session_present" => state.is_some());
                 if let Some(state) = state {
                     act.resume(state, ctx);
@@ -406,8 +423,10 @@ impl MqttSession {
                 act.pull_all(ctx);
                 act.drive(ctx);
                 act.flush(ctx);
-            })
-            .wait(ctx);
+            });
+        // Spawned, not waited: a takeover may arrive while we register, and packets
+        // sent right after CONNECT are kept in `early` until CONNACK is out.
+        ctx.spawn(reg);
     }
 
     /// Answer CONNECT with a refusal and close (no will: the session never began).
@@ -460,7 +479,9 @@ impl MqttSession {
                     None
                 } else if let Some(topic) = &e.retained_topic {
                     retain
-                        .send(MatchRetained { filter: topic.clone() })
+                        .send(MatchRetained {
+                            filter: topic.clone(),
+                        })
                         .await
                         .ok()
                         .and_then(|v| v.into_iter().next())
@@ -566,9 +587,9 @@ impl MqttSession {
                 sub_id,
                 filters,
             }),
-            Inbound::Unsubscribe { packet_id, filters } => {
-                self.pipeline.push_back(Op::Unsubscribe { packet_id, filters })
-            }
+            Inbound::Unsubscribe { packet_id, filters } => self
+                .pipeline
+                .push_back(Op::Unsubscribe { packet_id, filters }),
             Inbound::PingReq => {
                 let _ = self.enc.pingresp(&mut self.out);
             }
@@ -700,7 +721,8 @@ impl MqttSession {
                     }
                 }
                 Some(Op::Unsubscribe { .. }) => {
-                    if let Some(Op::Unsubscribe { packet_id, filters }) = self.pipeline.pop_front() {
+                    if let Some(Op::Unsubscribe { packet_id, filters }) = self.pipeline.pop_front()
+                    {
                         self.busy = true;
                         self.unsubscribe(packet_id, filters, ctx);
                     }
@@ -718,7 +740,9 @@ impl MqttSession {
             });
         }
         // v5: 0x92 Packet Identifier not found; v3 always completes.
-        let _ = self.enc.pubcomp(id, if known { 0 } else { 0x92 }, &mut self.out);
+        let _ = self
+            .enc
+            .pubcomp(id, if known { 0 } else { 0x92 }, &mut self.out);
     }
 
     /// Route, retain and append a batch of publishes, then acknowledge them in order.
@@ -779,7 +803,9 @@ impl MqttSession {
                 .unwrap_or_else(|| vec![QueueName::topic(first_level(&p.topic), 0)]);
             let msg = Message {
                 topic: p.topic,
-                payload: p.payload,
+                // The decoded payload is a view into this connection's read buffer;
+                // storage caches messages, and a cached view would pin the whole buffer.
+                payload: Bytes::copy_from_slice(&p.payload),
                 qos: p.qos,
                 retain: p.retain,
                 publisher: self.client_id.to_string(),
@@ -827,7 +853,12 @@ impl MqttSession {
             // Inbound QoS 2 state is durable before PUBREC (exactly once across restarts).
             let puts: Vec<_> = qos2_keys
                 .into_iter()
-                .map(|key| kv.send(KvPut { key, value: Some(Vec::new()) }))
+                .map(|key| {
+                    kv.send(KvPut {
+                        key,
+                        value: Some(Vec::new()),
+                    })
+                })
                 .collect();
             futures::future::join_all(puts).await;
             results
@@ -1222,7 +1253,11 @@ impl MqttSession {
         if sub.pulling || sub.state.next >= sub.known_max {
             return;
         }
-        let max = if sub.state.qos > 0 { window.min(batch) } else { batch };
+        let max = if sub.state.qos > 0 {
+            window.min(batch)
+        } else {
+            batch
+        };
         if max == 0 {
             self.window_blocked = true;
             return;
@@ -1243,7 +1278,12 @@ impl MqttSession {
         );
     }
 
-    fn on_pulled(&mut self, queue: QueueName, res: Result<Pulled, StorageError>, ctx: &mut Context<Self>) {
+    fn on_pulled(
+        &mut self,
+        queue: QueueName,
+        res: Result<Pulled, StorageError>,
+        ctx: &mut Context<Self>,
+    ) {
         let Some(raw) = self.by_queue.get(&queue).cloned() else {
             return;
         };
@@ -1279,7 +1319,15 @@ impl MqttSession {
             }
             // MQTT-3.3.1-9 / v5 Retain As Published.
             let retain = v5 && rap && m.message.retain;
-            let d = self.deliver(&m.message, qos, retain, &sub_ids, queue.as_str(), m.offset, None);
+            let d = self.deliver(
+                &m.message,
+                qos,
+                retain,
+                &sub_ids,
+                queue.as_str(),
+                m.offset,
+                None,
+            );
             if d == Delivery::WindowFull {
                 next = m.offset;
                 break;
@@ -1355,7 +1403,21 @@ impl Actor for MqttSession {
         if self.client_id.is_empty() || self.handed_off {
             return;
         }
-        let will = if self.will_on_close { self.will.take() } else { None };
+        if !self.was_connected {
+            // CONNECT never completed: leave any persisted session as it was.
+            self.gw.inner.registry.do_send(Unregister {
+                client_id: self.client_id.clone(),
+                conn_id: self.conn_id,
+                state: None,
+                will: None,
+            });
+            return;
+        }
+        let will = if self.will_on_close {
+            self.will.take()
+        } else {
+            None
+        };
         let state = if self.session_expiry > 0 {
             Some(self.snapshot())
         } else {
@@ -1393,8 +1455,14 @@ impl Handler<ReadEnded> for MqttSession {
                 self.close(None, true, ctx);
             }
             Some(e) => {
+                if let (Some(proto), Phase::AwaitConnect) = (e.refuse, self.phase) {
+                    // MQTT-3.1.3-9: CONNACK 0x02 (v5 0x85), then close.
+                    self.proto = proto;
+                    self.enc = Encoder::new(proto);
+                    return self.refuse(0x85, ctx);
+                }
                 slog::info!(self.log, "bad input; closing"; "error" => &e.message, "reason" => e.reason);
-                self.close(Some(e.reason), true, ctx);
+                self.close_with(Some(e.reason), Some(&e.message), true, ctx);
             }
         }
     }
@@ -1432,7 +1500,10 @@ impl Handler<Takeover> for MqttSession {
         self.handed_off = true;
         let state = self.snapshot();
         // v5 §3.1.3.2.2: a delayed will is not sent if the session continues.
-        let will = self.will.take().filter(|w| w.delay_secs == 0 || m.clean_start);
+        let will = self
+            .will
+            .take()
+            .filter(|w| w.delay_secs == 0 || m.clean_start);
         if let Some(will) = will {
             self.gw.inner.registry.do_send(Unregister {
                 client_id: self.client_id.clone(),
@@ -1449,7 +1520,8 @@ impl Handler<Takeover> for MqttSession {
 impl Handler<ServerShutdown> for MqttSession {
     type Result = MessageResult<ServerShutdown>;
     fn handle(&mut self, _: ServerShutdown, ctx: &mut Context<Self>) -> Self::Result {
-        let state = (self.session_expiry > 0 && !self.client_id.is_empty()).then(|| self.snapshot());
+        let state =
+            (self.session_expiry > 0 && !self.client_id.is_empty()).then(|| self.snapshot());
         self.handed_off = true;
         // v5 0x8B Server shutting down.
         self.close(Some(0x8B), false, ctx);

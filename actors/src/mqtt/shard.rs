@@ -45,9 +45,7 @@ pub enum RouteKind {
 pub fn queue_for(owner: &str, filter: &str, kind: &RouteKind) -> QueueName {
     match kind {
         RouteKind::Filter => QueueName::filter(filter),
-        RouteKind::Shared { group } => {
-            QueueName(format!("s:{group}/{owner}/{filter}").into())
-        }
+        RouteKind::Shared { group } => QueueName(format!("s:{group}/{owner}/{filter}").into()),
     }
 }
 
@@ -153,7 +151,10 @@ impl Handler<AddRoute> for SubscriptionShard {
             }
             RouteKind::Shared { group } => {
                 let g: Arc<str> = group.as_str().into();
-                let entry = self.groups.entry((g.clone(), m.filter.clone())).or_default();
+                let entry = self
+                    .groups
+                    .entry((g.clone(), m.filter.clone()))
+                    .or_default();
                 if entry.members.is_empty() {
                     self.trie
                         .insert(&m.filter, Target::Group(g, m.filter.as_str().into()));
@@ -250,11 +251,19 @@ mod tests {
         let a: Arc<str> = "a".into();
         let b: Arc<str> = "b".into();
         let q1 = s
-            .send(AddRoute { owner: a.clone(), filter: "home/+/temp".into(), kind: RouteKind::Filter })
+            .send(AddRoute {
+                owner: a.clone(),
+                filter: "home/+/temp".into(),
+                kind: RouteKind::Filter,
+            })
             .await
             .unwrap();
         let q2 = s
-            .send(AddRoute { owner: b.clone(), filter: "home/+/temp".into(), kind: RouteKind::Filter })
+            .send(AddRoute {
+                owner: b.clone(),
+                filter: "home/+/temp".into(),
+                kind: RouteKind::Filter,
+            })
             .await
             .unwrap();
         assert_eq!(q1, q2);
@@ -269,22 +278,45 @@ mod tests {
         }
         assert!(epoch.load(Ordering::Acquire) > 0);
         let r = s
-            .send(Route { topics: vec!["home/r1/temp".into(), "home/r1/temp".into(), "other".into()] })
+            .send(Route {
+                topics: vec!["home/r1/temp".into(), "home/r1/temp".into(), "other".into()],
+            })
             .await
             .unwrap();
         assert_eq!(r[0].len(), 3); // t:home, f:home/+/temp, one member of g
         assert!(r[0].contains(&QueueName::filter("home/+/temp")));
         assert_ne!(r[0][2], r[1][2], "round robin across the group");
         assert_eq!(r[2], vec![QueueName::topic("other", 0)]);
-        s.send(RemoveRoute { owner: a.clone(), filter: "home/+/temp".into(), kind: RouteKind::Filter })
+        s.send(RemoveRoute {
+            owner: a.clone(),
+            filter: "home/+/temp".into(),
+            kind: RouteKind::Filter,
+        })
+        .await
+        .unwrap();
+        let r = s
+            .send(Route {
+                topics: vec!["home/r1/temp".into()],
+            })
             .await
             .unwrap();
-        let r = s.send(Route { topics: vec!["home/r1/temp".into()] }).await.unwrap();
-        assert!(r[0].contains(&QueueName::filter("home/+/temp")), "b still subscribed");
-        s.send(RemoveRoute { owner: b.clone(), filter: "home/+/temp".into(), kind: RouteKind::Filter })
+        assert!(
+            r[0].contains(&QueueName::filter("home/+/temp")),
+            "b still subscribed"
+        );
+        s.send(RemoveRoute {
+            owner: b.clone(),
+            filter: "home/+/temp".into(),
+            kind: RouteKind::Filter,
+        })
+        .await
+        .unwrap();
+        let r = s
+            .send(Route {
+                topics: vec!["home/r1/temp".into()],
+            })
             .await
             .unwrap();
-        let r = s.send(Route { topics: vec!["home/r1/temp".into()] }).await.unwrap();
         assert!(!r[0].contains(&QueueName::filter("home/+/temp")));
     }
 }
