@@ -117,6 +117,8 @@ pub struct Unregister {
     pub state: Option<SessionState>,
     /// The will to publish (after its delay), if the close was abnormal.
     pub will: Option<Will>,
+    /// The session ended (expiry 0): delete any persisted copy of it.
+    pub discard: bool,
 }
 
 /// Start-up: re-route every persistent session found in the KvStore.
@@ -359,6 +361,9 @@ impl Handler<Register> for ClientRegistry {
         let fut = async move {
             // 1. Take the session over from a live connection with the same id.
             let mut state: Option<SessionState> = None;
+            // Whether a live session answered: then it was the authority on the state,
+            // and what the KvStore holds is older.
+            let mut answered = false;
             if let Some(old) = old {
                 slog::info!(log, "session taken over"; "client_id" => &*cid);
                 match tokio::time::timeout(
@@ -367,14 +372,17 @@ impl Handler<Register> for ClientRegistry {
                 )
                 .await
                 {
-                    Ok(Ok(s)) => state = s,
+                    Ok(Ok(s)) => {
+                        state = s;
+                        answered = true;
+                    }
                     _ => {
                         slog::warn!(log, "old session did not hand over in time"; "client_id" => &*cid)
                     }
                 }
             }
             // 2. Or resume an offline persistent session.
-            if state.is_none() {
+            if state.is_none() && !answered {
                 if let Ok(Ok(Some(bytes))) = storage
                     .kv
                     .send(crate::storage::KvGet {
@@ -439,6 +447,24 @@ impl Handler<Unregister> for ClientRegistry {
                 });
                 self.wills.insert(m.client_id.clone(), h);
             }
+        }
+        if current && m.discard {
+            let storage = self.storage.clone();
+            let cid = m.client_id.clone();
+            ctx.spawn(
+                async move {
+                    let _ = storage
+                        .kv
+                        .send(KvPut {
+                            key: session_key(&cid),
+                            value: None,
+                        })
+                        .await;
+                    delete_qos2(&storage, &cid).await;
+                }
+                .into_actor(self),
+            );
+            return;
         }
         if !current || self.shutting_down && m.state.is_none() {
             return;

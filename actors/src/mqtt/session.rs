@@ -1410,6 +1410,7 @@ impl Actor for MqttSession {
                 conn_id: self.conn_id,
                 state: None,
                 will: None,
+                discard: false,
             });
             return;
         }
@@ -1428,6 +1429,7 @@ impl Actor for MqttSession {
         self.gw.inner.registry.do_send(Unregister {
             client_id: self.client_id.clone(),
             conn_id: self.conn_id,
+            discard: state.is_none(),
             state,
             will,
         });
@@ -1498,7 +1500,15 @@ impl Handler<Takeover> for MqttSession {
     fn handle(&mut self, m: Takeover, ctx: &mut Context<Self>) -> Self::Result {
         // MQTT-3.1.4-2 / v5 0x8E Session taken over.
         self.handed_off = true;
-        let state = self.snapshot();
+        // A session with expiry 0 ends with its connection (v5 §3.1.2.11.2; v3 clean
+        // session): the new connection starts afresh.
+        let state = if self.session_expiry > 0 && self.was_connected {
+            Some(self.snapshot())
+        } else {
+            let subs: Vec<SubState> = self.subs.values().map(|s| s.state.clone()).collect();
+            registry::remove_routes(&self.gw, &self.client_id, &subs);
+            None
+        };
         // v5 §3.1.3.2.2: a delayed will is not sent if the session continues.
         let will = self
             .will
@@ -1510,10 +1520,11 @@ impl Handler<Takeover> for MqttSession {
                 conn_id: self.conn_id,
                 state: None,
                 will: Some(will),
+                discard: false,
             });
         }
         self.close(Some(0x8E), false, ctx);
-        MessageResult(Some(state))
+        MessageResult(state)
     }
 }
 
