@@ -317,7 +317,14 @@ impl CommitLog {
         );
     }
 
-    fn on_written(&mut self, done: Vec<Done>, file: Arc<File>, new_size: u64, end: Position, ctx: &mut Context<Self>) {
+    fn on_written(
+        &mut self,
+        done: Vec<Done>,
+        file: Arc<File>,
+        new_size: u64,
+        end: Position,
+        ctx: &mut Context<Self>,
+    ) {
         if let Some(m) = self.segments.get_mut(&self.active) {
             m.size = new_size;
         }
@@ -418,32 +425,30 @@ impl CommitLog {
             }
         }
         self.dispatching = true;
-        ctx.spawn(
-            futures::future::join_all(sends)
-                .into_actor(self)
-                .map(move |results, act, ctx| {
-                    act.dispatching = false;
-                    let ok = results.iter().all(|r| r.is_ok());
-                    if ok {
-                        act.dispatched_upto = act.dispatched_upto.max(upto);
+        ctx.spawn(futures::future::join_all(sends).into_actor(self).map(
+            move |results, act, ctx| {
+                act.dispatching = false;
+                let ok = results.iter().all(|r| r.is_ok());
+                if ok {
+                    act.dispatched_upto = act.dispatched_upto.max(upto);
+                }
+                act.inflight = act.inflight.saturating_sub(batch.len());
+                act.counters
+                    .appends
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for d in batch {
+                    if let Some(tx) = d.tx {
+                        let _ = tx.send(if ok {
+                            Ok(d.position)
+                        } else {
+                            Err(StorageError::Closed)
+                        });
                     }
-                    act.inflight = act.inflight.saturating_sub(batch.len());
-                    act.counters
-                        .appends
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    for d in batch {
-                        if let Some(tx) = d.tx {
-                            let _ = tx.send(if ok {
-                                Ok(d.position)
-                            } else {
-                                Err(StorageError::Closed)
-                            });
-                        }
-                    }
-                    act.start_dispatch(ctx);
-                    act.check_shutdown(ctx);
-                }),
-        );
+                }
+                act.start_dispatch(ctx);
+                act.check_shutdown(ctx);
+            },
+        ));
     }
 
     fn fail_pending(&mut self, e: &StorageError) {
@@ -483,7 +488,9 @@ impl CommitLog {
         }
         let addr = {
             let (f, p, l) = (file.clone(), path.clone(), self.log.clone());
-            Segment::start_in_arbiter(&self.seg_arbiter, move |_| Segment::new(base, p, f, 0, false, &l))
+            Segment::start_in_arbiter(&self.seg_arbiter, move |_| {
+                Segment::new(base, p, f, 0, false, &l)
+            })
         };
         if let Ok(mut t) = self.table.write() {
             t.insert(base, addr.clone());
@@ -511,7 +518,10 @@ impl CommitLog {
                 .into_actor(self)
                 .map(|res, act, _| {
                     if !matches!(res, Ok(Ok(()))) {
-                        act.fail(StorageError::Io("fsync of the log directory failed".into()), Vec::new());
+                        act.fail(
+                            StorageError::Io("fsync of the log directory failed".into()),
+                            Vec::new(),
+                        );
                     }
                 }),
         );
@@ -525,10 +535,7 @@ impl CommitLog {
             return;
         }
         let before = self.log_start;
-        loop {
-            let Some((&oldest, meta)) = self.segments.iter().next() else {
-                break;
-            };
+        while let Some((&oldest, meta)) = self.segments.iter().next() {
             if oldest == self.active {
                 break;
             }
@@ -691,7 +698,12 @@ impl Handler<Append> for CommitLog {
             }
         }
         let off = self.pending_buf.len();
-        let size = match record::encode_into(&mut self.pending_buf, &msg.message, &queues, self.cfg.max_record_bytes) {
+        let size = match record::encode_into(
+            &mut self.pending_buf,
+            &msg.message,
+            &queues,
+            self.cfg.max_record_bytes,
+        ) {
             Ok(n) => n as u32,
             Err(record::RecordError::TooLarge { len, .. }) => {
                 return AppendReply::Now(Err(StorageError::TooLarge(len)))
@@ -887,14 +899,22 @@ pub async fn recover(p: RecoverParams) -> Result<Recovered, StorageError> {
     while let Some(item) = scanner.next_item()? {
         match item {
             ScanItem::Record { position, bytes } => last_valid_end = position + bytes.len() as u64,
-            ScanItem::Corrupt { position, len, reason } => {
+            ScanItem::Corrupt {
+                position,
+                len,
+                reason,
+            } => {
                 corrupt_records += 1;
                 slog::error!(log, "corrupt record in the last segment, skipped";
                     "file" => %last_path.display(), "position" => position, "bytes_skipped" => len,
                     "reason" => reason);
                 last_valid_end = position + len;
             }
-            ScanItem::TornTail { position, len, reason } => {
+            ScanItem::TornTail {
+                position,
+                len,
+                reason,
+            } => {
                 slog::warn!(log, "truncating torn tail of the last segment";
                     "file" => %last_path.display(), "position" => position, "bytes" => len,
                     "reason" => reason);
@@ -923,7 +943,9 @@ pub async fn recover(p: RecoverParams) -> Result<Recovered, StorageError> {
             }
         }
         let (b, pth, f, l) = (*base, path.clone(), file.clone(), log.clone());
-        let addr = Segment::start_in_arbiter(&p.seg_arbiter, move |_| Segment::new(b, pth, f, size, !last, &l));
+        let addr = Segment::start_in_arbiter(&p.seg_arbiter, move |_| {
+            Segment::new(b, pth, f, size, !last, &l)
+        });
         if let Ok(mut t) = table.write() {
             t.insert(*base, addr.clone());
         }
@@ -948,10 +970,25 @@ pub async fn recover(p: RecoverParams) -> Result<Recovered, StorageError> {
     let mut shards = Vec::with_capacity(cfg.index_shards);
     for i in 0..cfg.index_shards.max(1) {
         let arb = &p.index_arbiters[i % p.index_arbiters.len().max(1)];
-        let (dir, tbl, nts, l) = (index_dir.clone(), table.clone(), p.notifiers.clone(), log.clone());
+        let (dir, tbl, nts, l) = (
+            index_dir.clone(),
+            table.clone(),
+            p.notifiers.clone(),
+            log.clone(),
+        );
         let idle = Duration::from_secs(cfg.queue_idle_secs);
         shards.push(QueueIndex::start_in_arbiter(arb, move |_| {
-            QueueIndex::new(i, dir, max_record, idle, per_shard_files, tbl, nts, bounds, &l)
+            QueueIndex::new(
+                i,
+                dir,
+                max_record,
+                idle,
+                per_shard_files,
+                tbl,
+                nts,
+                bounds,
+                &l,
+            )
         }));
     }
     let shards: Arc<[Addr<QueueIndex>]> = shards.into();
@@ -1009,7 +1046,11 @@ pub async fn recover(p: RecoverParams) -> Result<Recovered, StorageError> {
                         in_batch = 0;
                     }
                 }
-                ScanItem::Corrupt { position, len, reason } => {
+                ScanItem::Corrupt {
+                    position,
+                    len,
+                    reason,
+                } => {
                     if !last {
                         corrupt_records += 1;
                         slog::error!(log, "corrupt record in a sealed segment, skipped to the next valid record";
@@ -1017,7 +1058,11 @@ pub async fn recover(p: RecoverParams) -> Result<Recovered, StorageError> {
                             "reason" => reason);
                     }
                 }
-                ScanItem::TornTail { position, len, reason } => {
+                ScanItem::TornTail {
+                    position,
+                    len,
+                    reason,
+                } => {
                     if !last {
                         corrupt_records += 1;
                         slog::error!(log, "sealed segment ends with bytes that are not records";
@@ -1081,7 +1126,11 @@ pub async fn recover(p: RecoverParams) -> Result<Recovered, StorageError> {
     Ok(Recovered { commitlog, shards })
 }
 
-async fn send_replay(shards: &[Addr<QueueIndex>], batch: &mut [Vec<DispatchEntry>], log_end: Position) -> Result<(), StorageError> {
+async fn send_replay(
+    shards: &[Addr<QueueIndex>],
+    batch: &mut [Vec<DispatchEntry>],
+    log_end: Position,
+) -> Result<(), StorageError> {
     let mut sends = Vec::new();
     for (i, entries) in batch.iter_mut().enumerate() {
         if entries.is_empty() {

@@ -87,7 +87,9 @@ pub fn read_header(f: &File) -> Result<Header, HeaderError> {
     let file_len = f.metadata()?.len();
     let mut fixed = [0u8; 20];
     if file_len < 24 {
-        return Err(HeaderError::Bad(format!("file of {file_len} bytes is too short")));
+        return Err(HeaderError::Bad(format!(
+            "file of {file_len} bytes is too short"
+        )));
     }
     f.read_exact_at(&mut fixed, 0)?;
     if &fixed[0..8] != MAGIC {

@@ -341,7 +341,14 @@ pub struct KvStore {
 }
 
 impl KvStore {
-    pub fn new(j: KvJournal, flusher: Addr<Flusher>, mode: FlushMode, interval: Duration, name: &str, log: &Logger) -> Self {
+    pub fn new(
+        j: KvJournal,
+        flusher: Addr<Flusher>,
+        mode: FlushMode,
+        interval: Duration,
+        name: &str,
+        log: &Logger,
+    ) -> Self {
         KvStore {
             j,
             flusher,
@@ -359,7 +366,12 @@ impl KvStore {
         }
     }
 
-    fn change(&mut self, key: String, value: Option<Vec<u8>>, ctx: &mut Context<Self>) -> Result<futures::channel::oneshot::Receiver<Result<(), StorageError>>, StorageError> {
+    fn change(
+        &mut self,
+        key: String,
+        value: Option<Vec<u8>>,
+        ctx: &mut Context<Self>,
+    ) -> Result<futures::channel::oneshot::Receiver<Result<(), StorageError>>, StorageError> {
         if self.closed {
             return Err(StorageError::Closed);
         }
@@ -570,7 +582,13 @@ mod tests {
         encode_op(&mut b, "a/b", Some(b"xyz"));
         encode_op(&mut b, "a/c", None);
         let (op, n) = decode_op(&b).unwrap().unwrap();
-        assert_eq!(op, Op { key: "a/b".into(), value: Some(b"xyz".to_vec()) });
+        assert_eq!(
+            op,
+            Op {
+                key: "a/b".into(),
+                value: Some(b"xyz".to_vec())
+            }
+        );
         let (op2, _) = decode_op(&b[n..]).unwrap().unwrap();
         assert_eq!(op2.value, None);
         for i in 0..b.len() {

@@ -135,7 +135,11 @@ pub enum StorageError {
     #[error("i/o error: {0}")]
     Io(String),
     #[error("corrupt record at position {position} in {file}: {reason}")]
-    Corrupt { file: String, position: Position, reason: String },
+    Corrupt {
+        file: String,
+        position: Position,
+        reason: String,
+    },
     #[error("storage is shutting down")]
     Closed,
     #[error("storage is overloaded")]
@@ -378,7 +382,9 @@ impl Storage {
         cfg.index_shards = cfg.index_shards.max(1);
         cfg.notifier_shards = cfg.notifier_shards.max(1);
         cfg.max_open_files = cfg.max_open_files.max(cfg.index_shards);
-        cfg.max_record_bytes = cfg.max_record_bytes.clamp(1024, record::HARD_MAX_RECORD_BYTES);
+        cfg.max_record_bytes = cfg
+            .max_record_bytes
+            .clamp(1024, record::HARD_MAX_RECORD_BYTES);
         cfg.segment_bytes = cfg.segment_bytes.max(4096);
         let log = log.new(slog::o!("component" => "storage"));
         let mut arbiters = Vec::new();
@@ -395,7 +401,11 @@ impl Storage {
         let notify_arb = arbiter();
         let n_index_arbs = cfg
             .index_shards
-            .min(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+            .min(
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2),
+            )
             .max(1);
         let index_arbs: Vec<ArbiterHandle> = (0..n_index_arbs).map(|_| arbiter()).collect();
         let inner = Arc::new(Inner {
@@ -423,7 +433,8 @@ impl Storage {
         let fsyncs = inner.log_counters.fsyncs.clone();
         let flusher = Flusher::start_in_arbiter(&flush_arb, move |_| flusher::Flusher::new(fsyncs));
         let kvf = inner.kv_fsyncs.clone();
-        let kv_flusher = Flusher::start_in_arbiter(&kv_flush_arb, move |_| flusher::Flusher::new(kvf));
+        let kv_flusher =
+            Flusher::start_in_arbiter(&kv_flush_arb, move |_| flusher::Flusher::new(kvf));
 
         let open_kv = |sub: &'static str| {
             let (dir, l, f, mode, every) = (
@@ -506,7 +517,11 @@ impl Storage {
     }
 
     /// Appends `message` for `queues`; answers its position once durable and indexed.
-    pub async fn append(&self, message: Message, queues: Vec<QueueName>) -> Result<Position, StorageError> {
+    pub async fn append(
+        &self,
+        message: Message,
+        queues: Vec<QueueName>,
+    ) -> Result<Position, StorageError> {
         self.commitlog
             .send(Append { message, queues })
             .await
@@ -536,14 +551,27 @@ impl Storage {
         self.notifier_for(&u.queue).do_send(u);
     }
 
-    pub async fn commit_offset(&self, owner: String, queue: QueueName, offset: Offset) -> Result<(), StorageError> {
+    pub async fn commit_offset(
+        &self,
+        owner: String,
+        queue: QueueName,
+        offset: Offset,
+    ) -> Result<(), StorageError> {
         self.offsets
-            .send(CommitOffset { owner, queue, offset })
+            .send(CommitOffset {
+                owner,
+                queue,
+                offset,
+            })
             .await
             .map_err(|_| StorageError::Closed)?
     }
 
-    pub async fn load_offset(&self, owner: String, queue: QueueName) -> Result<Option<Offset>, StorageError> {
+    pub async fn load_offset(
+        &self,
+        owner: String,
+        queue: QueueName,
+    ) -> Result<Option<Offset>, StorageError> {
         self.offsets
             .send(LoadOffset { owner, queue })
             .await
@@ -621,7 +649,9 @@ impl Storage {
         let synced = self.commitlog.send(commitlog::Shutdown).await.unwrap_or(0);
         for ix in self.indexes.iter() {
             if let Ok(Err(e)) = ix
-                .send(queue_index::ShardShutdown { synced_upto: synced })
+                .send(queue_index::ShardShutdown {
+                    synced_upto: synced,
+                })
                 .await
             {
                 slog::error!(self.inner.log, "index shard shutdown failed"; "error" => %e);

@@ -62,7 +62,11 @@ impl Handler<LoadOffset> for OffsetStore {
         });
         Box::pin(async move {
             let v = req.await.map_err(|_| StorageError::Closed)??;
-            Ok(v.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok().map(u64::from_le_bytes)))
+            Ok(v.and_then(|b| {
+                <[u8; 8]>::try_from(b.as_slice())
+                    .ok()
+                    .map(u64::from_le_bytes)
+            }))
         })
     }
 }

@@ -222,7 +222,10 @@ pub fn decode(src: &Bytes, max_record_bytes: usize) -> Result<(DecodedRecord, us
 
 /// Decodes only the message of the record at the start of `src` (the read path does not
 /// need the queue set). Returns it with the record's size.
-pub fn decode_message(src: &Bytes, max_record_bytes: usize) -> Result<(Message, usize), RecordError> {
+pub fn decode_message(
+    src: &Bytes,
+    max_record_bytes: usize,
+) -> Result<(Message, usize), RecordError> {
     let (body, total) = body_of(src, max_record_bytes)?;
     let (w, _): (WireMessage<'_>, usize) = bincode::borrow_decode_from_slice(body, config())
         .map_err(|e| RecordError::Body(e.to_string()))?;
@@ -286,7 +289,10 @@ mod tests {
     #[test]
     fn roundtrip() {
         let m = msg(b"hello");
-        let qs = vec![QueueName::topic("home", 0), QueueName::filter("home/+/temp")];
+        let qs = vec![
+            QueueName::topic("home", 0),
+            QueueName::filter("home/+/temp"),
+        ];
         let buf = Bytes::from(encode(&m, &qs, 1 << 20).unwrap());
         let (rec, n) = decode(&buf, 1 << 20).unwrap();
         assert_eq!(n, buf.len());

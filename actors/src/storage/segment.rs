@@ -67,9 +67,23 @@ pub struct Segment {
 }
 
 impl Segment {
-    pub fn new(base: Position, path: PathBuf, file: Arc<File>, size: u64, sealed: bool, log: &Logger) -> Self {
+    pub fn new(
+        base: Position,
+        path: PathBuf,
+        file: Arc<File>,
+        size: u64,
+        sealed: bool,
+        log: &Logger,
+    ) -> Self {
         let log = log.new(o!("actor" => "segment", "base" => base));
-        Segment { base, path, file, size, sealed, log }
+        Segment {
+            base,
+            path,
+            file,
+            size,
+            sealed,
+            log,
+        }
     }
 }
 
@@ -92,7 +106,10 @@ impl Handler<SegAppend> for Segment {
     type Result = Result<u64, StorageError>;
     fn handle(&mut self, msg: SegAppend, _: &mut Self::Context) -> Self::Result {
         if self.sealed {
-            return Err(StorageError::Io(format!("{} is sealed", self.path.display())));
+            return Err(StorageError::Io(format!(
+                "{} is sealed",
+                self.path.display()
+            )));
         }
         // pwrite at our own notion of the end: no shared file cursor with readers.
         if let Err(e) = self.file.write_all_at(&msg.buf, self.size) {
@@ -184,9 +201,17 @@ pub enum ScanItem {
     /// A valid record at `position` (the whole encoded record).
     Record { position: Position, bytes: Bytes },
     /// Bytes `[position, position + len)` are not valid records, but a valid record follows.
-    Corrupt { position: Position, len: u64, reason: String },
+    Corrupt {
+        position: Position,
+        len: u64,
+        reason: String,
+    },
     /// Bytes from `position` to the end of the file hold no valid record (torn tail).
-    TornTail { position: Position, len: u64, reason: String },
+    TornTail {
+        position: Position,
+        len: u64,
+        reason: String,
+    },
 }
 
 /// Reads a segment file from file offset `from` in large chunks and yields its records.
