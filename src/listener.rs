@@ -69,11 +69,14 @@ pub(crate) struct Listener {
     pub gateway: Gateway,
     /// The listener's logger.
     pub log: slog::Logger,
+    /// Connections refused because the listener was full; logged at 1, 2, 4, 8, ...
+    /// so that a flood is visible without flooding the log.
+    pub refused: u64,
 }
 
 impl Listener {
     /// Accept until `shutdown` turns true (or its sender is dropped).
-    pub(crate) async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = MIN_BACKOFF;
         loop {
             let accepted = tokio::select! {
@@ -100,11 +103,15 @@ impl Listener {
     }
 
     /// Give one accepted connection to an IO arbiter, or close it if we are full.
-    fn hand_over(&self, stream: TcpStream, peer: SocketAddr) {
+    fn hand_over(&mut self, stream: TcpStream, peer: SocketAddr) {
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
             // Dropping the stream closes it: the client sees the connection end before
             // CONNACK, which is the only refusal possible before CONNECT is read.
-            debug!(self.log, "refused: max_connections reached"; "peer" => %peer);
+            self.refused += 1;
+            if self.refused.is_power_of_two() {
+                warn!(self.log, "connection refused: max_connections reached";
+                    "peer" => %peer, "refused_so_far" => self.refused);
+            }
             return;
         };
         if let Err(e) = stream.set_nodelay(true) {

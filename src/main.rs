@@ -29,7 +29,11 @@ SIGINT or SIGTERM stops the node gracefully.";
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
 enum Command {
-    Run { config: Option<PathBuf> },
+    /// Run the node.
+    Run {
+        /// The `--config FILE` layer, if given.
+        config: Option<PathBuf>,
+    },
     PrintConfig,
     Help,
     Version,

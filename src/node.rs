@@ -171,6 +171,7 @@ impl NodeBuilder {
                 io: io.clone(),
                 gateway: gateway.clone(),
                 log: log.new(o!("listener" => "tcp")),
+                refused: 0,
             };
             // Tests and the CLI test read the real port from this line.
             info!(log, "listening"; "listener" => listener.name, "addr" => %bound);
