@@ -43,6 +43,33 @@ async fn async_appends(s: &Storage, q: &QueueName, size: usize, n: u64) -> f64 {
     ok as f64 / t0.elapsed().as_secs_f64()
 }
 
+/// Appends in `AppendBatch`es of `batch` records (as a gateway session does with the
+/// publishes it decoded from one read), keeping `INFLIGHT` records in flight in all.
+async fn async_batches(s: &Storage, q: &QueueName, size: usize, n: u64, batch: usize) -> f64 {
+    let payload = Bytes::from(vec![b'x'; size]);
+    let t0 = Instant::now();
+    let batches = n.div_ceil(batch as u64);
+    let mut st = futures::stream::iter(0..batches)
+        .map(|b| {
+            let items = (0..batch as u64)
+                .map(|i| Append {
+                    message: message("bench/topic", &payload, b * batch as u64 + i),
+                    queues: vec![q.clone()],
+                })
+                .collect();
+            s.append_batch(items)
+        })
+        .buffer_unordered((INFLIGHT / batch).max(1));
+    let mut ok = 0u64;
+    while let Some(rs) = st.next().await {
+        for r in rs {
+            r.expect("append");
+            ok += 1;
+        }
+    }
+    ok as f64 / t0.elapsed().as_secs_f64()
+}
+
 async fn sync_appenders(s: &Storage, appenders: usize, dur: Duration) -> (f64, u64, u64) {
     let payload = Bytes::from(vec![b'y'; 100]);
     let f0 = s.log_fsyncs();
@@ -119,6 +146,12 @@ fn main() {
             "async append 100 B : {:>10.0} appends/s ({:.1} MB/s payload)",
             r100,
             r100 * 100.0 / 1e6
+        );
+        let rb = async_batches(&s, &QueueName::topic("b100b", 0), 100, 2_000_000, 256).await;
+        println!(
+            "async batch 100 B  : {:>10.0} appends/s ({:.1} MB/s payload; AppendBatch of 256)",
+            rb,
+            rb * 100.0 / 1e6
         );
         let r1k = async_appends(&s, &q1k, 1024, 500_000).await;
         println!(

@@ -166,6 +166,9 @@ pub struct MqttSession {
 
     pipeline: VecDeque<Op>,
     busy: bool,
+    /// DISCONNECT or end of stream seen: close (publishing the will if `true`) once the
+    /// pipeline has drained, so that publishes sent before it are not lost.
+    closing: Option<bool>,
     routes: HashMap<String, Arc<[QueueName]>>,
     routes_epoch: u64,
 
@@ -243,6 +246,7 @@ impl MqttSession {
                 qos2_pending: HashSet::new(),
                 pipeline: VecDeque::new(),
                 busy: false,
+                closing: None,
                 routes: HashMap::new(),
                 routes_epoch: u64::MAX,
                 dirty: false,
@@ -308,6 +312,8 @@ impl MqttSession {
         self.will_on_close = will;
         if !self.out.is_empty() {
             let buf = self.out.split().freeze();
+            // The writer task subtracts what it writes: count it in, as `flush` does.
+            self.write_pending.fetch_add(buf.len(), Ordering::AcqRel);
             if let Some(tx) = &self.writer {
                 let _ = tx.send(buf);
             }
@@ -316,6 +322,14 @@ impl MqttSession {
             slog::debug!(self.log, "closing"; "reason" => reason, "will" => will);
         }
         ctx.stop();
+    }
+
+    /// Close once the publishes (and other steps) received before are done.
+    fn close_after_pipeline(&mut self, will: bool, ctx: &mut Context<Self>) {
+        if self.phase != Phase::Connected || (self.pipeline.is_empty() && !self.busy) {
+            return self.close(None, will, ctx);
+        }
+        self.closing = Some(will);
     }
 
     fn protocol_error(&mut self, code: u8, what: &str, ctx: &mut Context<Self>) {
@@ -559,6 +573,10 @@ impl MqttSession {
             }
             Phase::Connected => {}
         }
+        if self.closing.is_some() {
+            // Nothing after DISCONNECT counts (MQTT-3.14.4-1).
+            return;
+        }
         match p {
             // MQTT-3.1.0-2: a second CONNECT is a protocol violation.
             Inbound::Connect(_) => self.protocol_error(0x82, "second CONNECT", ctx),
@@ -606,7 +624,7 @@ impl MqttSession {
                 }
                 // MQTT-3.14.4-3: a normal DISCONNECT discards the will; v5 0x04 keeps it.
                 let will = reason == 0x04;
-                self.close(None, will, ctx);
+                self.close_after_pipeline(will, ctx);
             }
             Inbound::Auth => self.protocol_error(0x82, "AUTH without authentication method", ctx),
             Inbound::ServerOnly => self.protocol_error(0x82, "server-only packet", ctx),
@@ -688,7 +706,12 @@ impl MqttSession {
     fn drive(&mut self, ctx: &mut Context<Self>) {
         while !self.busy && self.phase == Phase::Connected {
             match self.pipeline.front() {
-                None => return,
+                None => {
+                    if let Some(will) = self.closing.take() {
+                        self.close(None, will, ctx);
+                    }
+                    return;
+                }
                 Some(Op::PubRel(_)) => {
                     if let Some(Op::PubRel(id)) = self.pipeline.pop_front() {
                         self.on_pubrel(id);
@@ -700,7 +723,7 @@ impl MqttSession {
                         match self.pipeline.front() {
                             Some(Op::Publish(_)) => {
                                 if let Some(Op::Publish(p)) = self.pipeline.pop_front() {
-                                    batch.push(p);
+                                    batch.push(*p);
                                 }
                             }
                             _ => break,
@@ -746,7 +769,7 @@ impl MqttSession {
     }
 
     /// Route, retain and append a batch of publishes, then acknowledge them in order.
-    fn publish_batch(&mut self, batch: Vec<Box<Publish>>, ctx: &mut Context<Self>) {
+    fn publish_batch(&mut self, batch: Vec<Publish>, ctx: &mut Context<Self>) {
         let epoch = self.gw.inner.route_epoch.load(Ordering::Acquire);
         if epoch != self.routes_epoch || self.routes.len() > MAX_ROUTE_CACHE {
             self.routes.clear();
@@ -789,7 +812,7 @@ impl MqttSession {
         }));
     }
 
-    fn append_batch(&mut self, batch: Vec<Box<Publish>>, ctx: &mut Context<Self>) {
+    fn append_batch(&mut self, batch: Vec<Publish>, ctx: &mut Context<Self>) {
         let now = crate::now_ms();
         let retain_ok = self.cfg().retain_available;
         let mut retained = Vec::new();
@@ -839,17 +862,8 @@ impl MqttSession {
                 // A refused retained message (quota) is still delivered normally.
                 let _ = retain.send(r).await;
             }
-            // Issue every append before awaiting any, so they enter the log in order
-            // and share one group commit.
-            let sends: Vec<_> = appends
-                .into_iter()
-                .map(|a| storage.commitlog.send(a))
-                .collect();
-            let results: Vec<Result<u64, StorageError>> = futures::future::join_all(sends)
-                .await
-                .into_iter()
-                .map(|r| r.unwrap_or(Err(StorageError::Closed)))
-                .collect();
+            // One message for the whole batch: stored in order, one group commit.
+            let results = storage.append_batch(appends).await;
             // Inbound QoS 2 state is durable before PUBREC (exactly once across restarts).
             let puts: Vec<_> = qos2_keys
                 .into_iter()
@@ -1362,7 +1376,7 @@ impl MqttSession {
         if self.phase != Phase::Connected {
             return;
         }
-        if self.ticks % PROBE_TICKS == 0 {
+        if self.ticks.is_multiple_of(PROBE_TICKS) {
             for s in self.subs.values_mut() {
                 if !s.pulling {
                     s.known_max = u64::MAX;
@@ -1370,7 +1384,7 @@ impl MqttSession {
             }
             self.pull_all(ctx);
         }
-        if self.session_expiry > 0 && self.dirty && self.ticks % CHECKPOINT_TICKS == 0 {
+        if self.session_expiry > 0 && self.dirty && self.ticks.is_multiple_of(CHECKPOINT_TICKS) {
             let put = self.checkpoint_put();
             ctx.spawn(put.into_actor(self));
         }
@@ -1454,7 +1468,7 @@ impl Handler<ReadEnded> for MqttSession {
         match m.0 {
             None => {
                 slog::debug!(self.log, "connection closed by peer");
-                self.close(None, true, ctx);
+                self.close_after_pipeline(true, ctx);
             }
             Some(e) => {
                 if let (Some(proto), Phase::AwaitConnect) = (e.refuse, self.phase) {
@@ -1617,7 +1631,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
             return;
         }
-        let left = pending.fetch_sub(buf.len(), Ordering::AcqRel) - buf.len();
+        let left = pending
+            .fetch_sub(buf.len(), Ordering::AcqRel)
+            .saturating_sub(buf.len());
         if left <= low && wants_drain.swap(false, Ordering::AcqRel) {
             if let Some(a) = addr.upgrade() {
                 a.do_send(Drained { failed: false });

@@ -66,7 +66,9 @@ use super::segment::{
     open_segment_file, parse_segment_name, segment_path, ScanItem, SegAppend, SegSeal, SegStop,
     Segment, SegmentScanner,
 };
-use super::{Append, FlushMode, Message, Position, QueueName, StorageConfig, StorageError};
+use super::{
+    Append, AppendBatch, FlushMode, Message, Position, QueueName, StorageConfig, StorageError,
+};
 
 /// Base position -> segment actor; shared (read-mostly) with the index shards for reads.
 pub type SegmentTable = Arc<RwLock<BTreeMap<Position, Addr<Segment>>>>;
@@ -87,6 +89,51 @@ const CHECKPOINT_MAGIC: &[u8; 8] = b"AMQCKPT1";
 
 type Reply = Result<Position, StorageError>;
 type Inbox = Rc<RefCell<VecDeque<Option<OneshotSender<Reply>>>>>;
+
+/// Who gets a record's answer: the caller of one `Append`, or one slot of an
+/// `AppendBatch` (answered as a whole when its last record is).
+enum Responder {
+    One(OneshotSender<Reply>),
+    Batch(Rc<BatchReply>, usize),
+}
+
+struct BatchReply {
+    results: RefCell<Vec<Option<Reply>>>,
+    left: std::cell::Cell<usize>,
+    tx: RefCell<Option<futures::channel::oneshot::Sender<Vec<Reply>>>>,
+}
+
+impl BatchReply {
+    fn set(&self, i: usize, r: Reply) {
+        let mut results = self.results.borrow_mut();
+        if let Some(slot) = results.get_mut(i) {
+            if slot.is_none() {
+                *slot = Some(r);
+                self.left.set(self.left.get().saturating_sub(1));
+            }
+        }
+        if self.left.get() == 0 {
+            if let Some(tx) = self.tx.borrow_mut().take() {
+                let all = results
+                    .drain(..)
+                    .map(|r| r.unwrap_or(Err(StorageError::Closed)))
+                    .collect();
+                let _ = tx.send(all);
+            }
+        }
+    }
+}
+
+impl Responder {
+    fn send(self, r: Reply) {
+        match self {
+            Responder::One(tx) => {
+                let _ = tx.send(r);
+            }
+            Responder::Batch(b, i) => b.set(i, r),
+        }
+    }
+}
 
 /// The answer of the `Append` handler. `Later` parks actix's own reply channel in the
 /// commitlog's inbox (the response is handled right after the handler returns, so the
@@ -124,7 +171,7 @@ struct Pending {
     msg: Arc<Message>,
     queues: Vec<QueueName>,
     tag: u64,
-    tx: Option<OneshotSender<Reply>>,
+    tx: Option<Responder>,
 }
 
 struct Done {
@@ -133,7 +180,7 @@ struct Done {
     msg: Arc<Message>,
     queues: Vec<QueueName>,
     tag: u64,
-    tx: Option<OneshotSender<Reply>>,
+    tx: Option<Responder>,
 }
 
 /// Counters shared with `Storage` (readable without a message).
@@ -212,7 +259,7 @@ impl CommitLog {
         let mut inbox = self.inbox.borrow_mut();
         while let Some(tx) = inbox.pop_front() {
             match self.pending.get_mut(self.tx_attached) {
-                Some(p) => p.tx = tx,
+                Some(p) => p.tx = tx.map(Responder::One),
                 None => {
                     if let Some(tx) = tx {
                         let _ = tx.send(Err(StorageError::Io("append lost its record".into())));
@@ -661,19 +708,25 @@ impl CommitLog {
     }
 }
 
-impl Handler<Append> for CommitLog {
-    type Result = AppendReply;
-    fn handle(&mut self, msg: Append, ctx: &mut Self::Context) -> AppendReply {
+impl CommitLog {
+    /// Encode one record into the pending buffer. `tx` is `None` for a plain `Append`
+    /// (its reply channel is attached later from the inbox) and the batch slot otherwise.
+    fn enqueue(
+        &mut self,
+        msg: Append,
+        tx: Option<Responder>,
+        ctx: &mut Context<Self>,
+    ) -> Result<(), StorageError> {
         if self.closing {
-            return AppendReply::Now(Err(StorageError::Closed));
+            return Err(StorageError::Closed);
         }
         if let Some(reason) = &self.failed {
-            return AppendReply::Now(Err(StorageError::Io(reason.clone())));
+            return Err(StorageError::Io(reason.clone()));
         }
         if self.pending.len() + self.inflight >= MAX_INFLIGHT_RECORDS
             || self.pending_buf.len() >= MAX_PENDING_BYTES
         {
-            return AppendReply::Now(Err(StorageError::Busy));
+            return Err(StorageError::Busy);
         }
         // The previous record's reply channel is in the inbox now; writing here (before
         // this record is pending) keeps channels and records aligned.
@@ -706,23 +759,61 @@ impl Handler<Append> for CommitLog {
         ) {
             Ok(n) => n as u32,
             Err(record::RecordError::TooLarge { len, .. }) => {
-                return AppendReply::Now(Err(StorageError::TooLarge(len)))
+                return Err(StorageError::TooLarge(len))
             }
-            Err(e) => return AppendReply::Now(Err(StorageError::Io(e.to_string()))),
+            Err(e) => return Err(StorageError::Io(e.to_string())),
         };
         let tag = record::topic_tag(&msg.message.topic);
+        let attached = tx.is_some();
         self.pending.push(Pending {
             off,
             size,
             msg: Arc::new(msg.message),
             queues,
             tag,
-            tx: None,
+            tx,
         });
+        if attached {
+            self.tx_attached += 1;
+        }
         if !self.writing {
             self.schedule_write(ctx);
         }
-        AppendReply::Later(self.inbox.clone())
+        Ok(())
+    }
+}
+
+impl Handler<Append> for CommitLog {
+    type Result = AppendReply;
+    fn handle(&mut self, msg: Append, ctx: &mut Self::Context) -> AppendReply {
+        match self.enqueue(msg, None, ctx) {
+            Ok(()) => AppendReply::Later(self.inbox.clone()),
+            Err(e) => AppendReply::Now(Err(e)),
+        }
+    }
+}
+
+impl Handler<AppendBatch> for CommitLog {
+    type Result = ResponseFuture<Vec<Reply>>;
+    fn handle(&mut self, msg: AppendBatch, ctx: &mut Self::Context) -> Self::Result {
+        let n = msg.items.len();
+        if n == 0 {
+            return Box::pin(async { Vec::new() });
+        }
+        let (tx, rx) = futures::channel::oneshot::channel();
+        let batch = Rc::new(BatchReply {
+            results: RefCell::new((0..n).map(|_| None).collect()),
+            left: std::cell::Cell::new(n),
+            tx: RefCell::new(Some(tx)),
+        });
+        // Channels of earlier plain appends belong to earlier records.
+        self.attach_txs();
+        for (i, item) in msg.items.into_iter().enumerate() {
+            if let Err(e) = self.enqueue(item, Some(Responder::Batch(batch.clone(), i)), ctx) {
+                batch.set(i, Err(e));
+            }
+        }
+        Box::pin(async move { rx.await.unwrap_or_default() })
     }
 }
 
