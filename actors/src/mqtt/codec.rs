@@ -211,20 +211,38 @@ impl Decoder for MqttDecoder {
                     }
                 },
                 State::V3(c) => {
-                    return Ok(c
-                        .decode(src)
-                        .map_err(refusal(Proto::V3(4)))?
-                        .map(|(p, _)| from_v3(p)))
+                    let Some((p, len)) = c.decode(src).map_err(refusal(Proto::V3(4)))? else {
+                        return Ok(None);
+                    };
+                    // The crate ignores a body after these: a wrong Remaining Length.
+                    no_body(
+                        matches!(p, v3::Packet::PingRequest | v3::Packet::Disconnect),
+                        len,
+                    )?;
+                    return Ok(Some(from_v3(p)));
                 }
                 State::V5(c) => {
-                    return Ok(c
-                        .decode(src)
-                        .map_err(refusal(Proto::V5))?
-                        .map(|(p, _)| from_v5(p)))
+                    let Some((p, len)) = c.decode(src).map_err(refusal(Proto::V5))? else {
+                        return Ok(None);
+                    };
+                    no_body(matches!(p, v5::Packet::PingRequest), len)?;
+                    return Ok(Some(from_v5(p)));
                 }
             }
         }
     }
+}
+
+/// PINGREQ (and a v3 DISCONNECT) have Remaining Length 0; anything else is malformed.
+fn no_body(bodiless: bool, remaining_length: u32) -> Result<(), DecodeFailure> {
+    if bodiless && remaining_length != 0 {
+        return Err(DecodeFailure {
+            reason: 0x81,
+            message: format!("remaining length {remaining_length} on a packet without a body"),
+            refuse: None,
+        });
+    }
+    Ok(())
 }
 
 /// The crate refuses an empty client id without clean start while decoding CONNECT;
