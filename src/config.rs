@@ -114,6 +114,12 @@ fn socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::
     })
 }
 
+/// Whether two addresses with the same port would take the same socket: equal, or one
+/// of them the wildcard of its family (which takes the port on every address).
+fn clash(a: &SocketAddr, b: &SocketAddr) -> bool {
+    a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()
+}
+
 /// `[storage]`: every [`StorageConfig`] field but `dir` (which is `node.data_dir`).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,6 +147,9 @@ pub struct StorageSection {
     pub max_open_files: usize,
     /// Largest record accepted, so that one publish cannot exhaust memory.
     pub max_record_bytes: usize,
+    /// Memory for decoded messages shared by fan-out readers: the largest fixed share
+    /// of the node's memory, so operators size it.
+    pub cache_bytes: usize,
 }
 
 /// `[mqtt]`: every [`MqttConfig`] field, with the same meaning.
@@ -185,8 +194,12 @@ pub struct MqttSection {
 pub struct ListenerSection {
     /// Plain MQTT over TCP (`[listener.tcp]`).
     pub tcp: TcpListenerSection,
-    /// MQTT over WebSocket (`[listener.ws]`); read and checked, not served yet.
+    /// MQTT over WebSocket (`[listener.ws]`).
     pub ws: WsListenerSection,
+    /// MQTT over TLS, "MQTTS" (`[listener.tls]`).
+    pub tls: TlsListenerSection,
+    /// MQTT over WebSocket over TLS (`[listener.wss]`).
+    pub wss: WssListenerSection,
 }
 
 /// `[listener.tcp]`
@@ -206,7 +219,7 @@ pub struct TcpListenerSection {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WsListenerSection {
-    /// Whether the WebSocket listener should run (it is not implemented yet).
+    /// Lets a node serve browsers (MQTT.js) and devices behind HTTP-only proxies.
     pub enabled: bool,
     /// Address and port to listen on.
     #[serde(deserialize_with = "socket_addr")]
@@ -215,6 +228,152 @@ pub struct WsListenerSection {
     pub path: String,
     /// Connections beyond this are closed at once.
     pub max_connections: usize,
+}
+
+/// The TLS files of a listener, as [`TlsListenerSection`] and [`WssListenerSection`]
+/// name them; what [`crate::tls`] loads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, the server's certificate first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of that certificate.
+    pub key_file: PathBuf,
+    /// PEM CA certificates that client certificates must chain to; `Some` turns on
+    /// mutual TLS (a client without a valid certificate is refused in the handshake).
+    pub ca_file: Option<PathBuf>,
+    /// Whether the client certificate's Common Name is to serve as the MQTT username.
+    pub cn_as_username: bool,
+}
+
+/// `[listener.tls]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListenerSection {
+    /// Off by default: it needs a certificate, which only the operator can provide.
+    pub enabled: bool,
+    /// Address and port to listen on.
+    #[serde(deserialize_with = "socket_addr")]
+    pub bind: SocketAddr,
+    /// PEM certificate chain; required when enabled.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key; required when enabled.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// PEM CA bundle for client certificates; setting it requires them (mutual TLS).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Use the client certificate's CN as the username (needs `ca_file`).
+    pub cn_as_username: bool,
+    /// Connections beyond this are closed at once (TLS handshakes included).
+    pub max_connections: usize,
+}
+
+/// `[listener.wss]`: the keys of `[listener.tls]` plus the WebSocket `path`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WssListenerSection {
+    /// Off by default: it needs a certificate, which only the operator can provide.
+    pub enabled: bool,
+    /// Address and port to listen on.
+    #[serde(deserialize_with = "socket_addr")]
+    pub bind: SocketAddr,
+    /// HTTP path of the endpoint.
+    pub path: String,
+    /// PEM certificate chain; required when enabled.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key; required when enabled.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// PEM CA bundle for client certificates; setting it requires them (mutual TLS).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Use the client certificate's CN as the username (needs `ca_file`).
+    pub cn_as_username: bool,
+    /// Connections beyond this are closed at once (handshakes included).
+    pub max_connections: usize,
+}
+
+/// Check a TLS listener's file keys; `keys` are their dotted names (cert, key, ca,
+/// cn_as_username) for the error message.
+fn tls_files(
+    enabled: bool,
+    cert_file: &Option<PathBuf>,
+    key_file: &Option<PathBuf>,
+    ca_file: &Option<PathBuf>,
+    cn_as_username: bool,
+    keys: [&'static str; 4],
+) -> Result<Option<TlsFiles>, ConfigError> {
+    let bad = |key, problem: &str| ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    };
+    fn nonempty(p: &Option<PathBuf>) -> Option<&PathBuf> {
+        p.as_ref().filter(|p| !p.as_os_str().is_empty())
+    }
+    if !enabled {
+        return Ok(None);
+    }
+    let Some(cert_file) = nonempty(cert_file) else {
+        return Err(bad(keys[0], "is required when the listener is enabled"));
+    };
+    let Some(key_file) = nonempty(key_file) else {
+        return Err(bad(keys[1], "is required when the listener is enabled"));
+    };
+    let ca_file = nonempty(ca_file).cloned();
+    if cn_as_username && ca_file.is_none() {
+        return Err(bad(
+            keys[3],
+            "needs a ca_file (client certificates are only asked for with one)",
+        ));
+    }
+    Ok(Some(TlsFiles {
+        cert_file: cert_file.clone(),
+        key_file: key_file.clone(),
+        ca_file,
+        cn_as_username,
+    }))
+}
+
+impl TlsListenerSection {
+    /// The files to load, or `None` when the listener is disabled; an error names the
+    /// missing key.
+    pub fn files(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        tls_files(
+            self.enabled,
+            &self.cert_file,
+            &self.key_file,
+            &self.ca_file,
+            self.cn_as_username,
+            [
+                "listener.tls.cert_file",
+                "listener.tls.key_file",
+                "listener.tls.ca_file",
+                "listener.tls.cn_as_username",
+            ],
+        )
+    }
+}
+
+impl WssListenerSection {
+    /// The files to load, or `None` when the listener is disabled; an error names the
+    /// missing key.
+    pub fn files(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        tls_files(
+            self.enabled,
+            &self.cert_file,
+            &self.key_file,
+            &self.ca_file,
+            self.cn_as_username,
+            [
+                "listener.wss.cert_file",
+                "listener.wss.key_file",
+                "listener.wss.ca_file",
+                "listener.wss.cn_as_username",
+            ],
+        )
+    }
 }
 
 /// `[log]`
@@ -356,29 +515,38 @@ impl Config {
         positive("mqtt.max_write_buffer", m.max_write_buffer as u64)?;
         positive("mqtt.subscription_shards", m.subscription_shards as u64)?;
 
-        positive(
-            "listener.tcp.max_connections",
-            self.listener.tcp.max_connections as u64,
-        )?;
-        positive(
-            "listener.ws.max_connections",
-            self.listener.ws.max_connections as u64,
-        )?;
-        if !self.listener.ws.path.starts_with('/') {
-            bad(
-                "listener.ws.path",
-                format!("{:?} must start with \"/\"", self.listener.ws.path),
-            )?;
+        let l = &self.listener;
+        positive("listener.tcp.max_connections", l.tcp.max_connections as u64)?;
+        positive("listener.ws.max_connections", l.ws.max_connections as u64)?;
+        positive("listener.tls.max_connections", l.tls.max_connections as u64)?;
+        positive("listener.wss.max_connections", l.wss.max_connections as u64)?;
+        for (key, path) in [
+            ("listener.ws.path", &l.ws.path),
+            ("listener.wss.path", &l.wss.path),
+        ] {
+            if !path.starts_with('/') {
+                bad(key, format!("{path:?} must start with \"/\""))?;
+            }
         }
-        if self.listener.tcp.enabled
-            && self.listener.ws.enabled
-            && self.listener.tcp.bind == self.listener.ws.bind
-            && self.listener.tcp.bind.port() != 0
-        {
-            bad(
-                "listener.ws.bind",
-                format!("{} is also listener.tcp.bind", self.listener.ws.bind),
-            )?;
+        l.tls.files()?;
+        l.wss.files()?;
+        // Every enabled listener needs its own address (port 0 picks a fresh one each).
+        let binds = [
+            ("listener.tcp.bind", l.tcp.enabled, l.tcp.bind),
+            ("listener.ws.bind", l.ws.enabled, l.ws.bind),
+            ("listener.tls.bind", l.tls.enabled, l.tls.bind),
+            ("listener.wss.bind", l.wss.enabled, l.wss.bind),
+        ];
+        for (i, (key, enabled, addr)) in binds.iter().enumerate() {
+            if !enabled || addr.port() == 0 {
+                continue;
+            }
+            if let Some((other, _, _)) = binds[..i]
+                .iter()
+                .find(|(_, on, a)| *on && a.port() == addr.port() && clash(a, addr))
+            {
+                bad(key, format!("{addr} is also {other}"))?;
+            }
         }
 
         if !LOG_LEVELS.contains(&self.log.level.as_str()) {
@@ -423,6 +591,7 @@ impl Config {
             queue_idle_secs: s.queue_idle_secs,
             max_open_files: s.max_open_files,
             max_record_bytes: s.max_record_bytes,
+            cache_bytes: s.cache_bytes,
         }
     }
 
@@ -678,6 +847,14 @@ mod tests {
                 "ACTIMQ__LISTENER__WS__MAX_CONNECTIONS",
                 "listener.ws.max_connections",
             ),
+            (
+                "ACTIMQ__LISTENER__TLS__MAX_CONNECTIONS",
+                "listener.tls.max_connections",
+            ),
+            (
+                "ACTIMQ__LISTENER__WSS__MAX_CONNECTIONS",
+                "listener.wss.max_connections",
+            ),
         ] {
             let err = env_error(var, "0");
             assert_eq!(
@@ -733,6 +910,111 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("listener.ws.bind"), "{err}");
+    }
+
+    #[test]
+    fn every_enabled_listener_needs_its_own_address() {
+        let err = load_env(&[("ACTIMQ__LISTENER__WS__BIND", "0.0.0.0:1883")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid value for `listener.ws.bind`: 0.0.0.0:1883 is also listener.tcp.bind"
+        );
+        // A wildcard takes the port on every address.
+        let err = load_env(&[("ACTIMQ__LISTENER__WS__BIND", "127.0.0.1:1883")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listener.ws.bind"), "{err}");
+        let err = load_env(&[
+            ("ACTIMQ__LISTENER__WSS__ENABLED", "true"),
+            ("ACTIMQ__LISTENER__WSS__CERT_FILE", "/c"),
+            ("ACTIMQ__LISTENER__WSS__KEY_FILE", "/k"),
+            ("ACTIMQ__LISTENER__WSS__BIND", "0.0.0.0:8083"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("listener.wss.bind") && err.contains("listener.ws.bind"),
+            "{err}"
+        );
+        // Disabled listeners and port 0 do not clash; other ports or addresses do not.
+        load_env(&[("ACTIMQ__LISTENER__TLS__BIND", "0.0.0.0:1883")]).unwrap();
+        load_env(&[
+            ("ACTIMQ__LISTENER__TCP__BIND", "127.0.0.1:0"),
+            ("ACTIMQ__LISTENER__WS__BIND", "127.0.0.1:0"),
+        ])
+        .unwrap();
+        load_env(&[
+            ("ACTIMQ__LISTENER__TCP__BIND", "127.0.0.1:1883"),
+            ("ACTIMQ__LISTENER__WS__BIND", "127.0.0.2:1883"),
+        ])
+        .unwrap();
+    }
+
+    #[test]
+    fn tls_listeners_are_off_by_default_and_need_their_files() {
+        let cfg = Config::default();
+        assert!(!cfg.listener.tls.enabled && !cfg.listener.wss.enabled);
+        assert_eq!(cfg.listener.tls.bind, "0.0.0.0:8883".parse().unwrap());
+        assert_eq!(cfg.listener.wss.bind, "0.0.0.0:8084".parse().unwrap());
+        assert_eq!(cfg.listener.wss.path, "/mqtt");
+        assert_eq!(cfg.listener.tls.cert_file, None);
+        assert_eq!(cfg.listener.tls.files().unwrap(), None);
+
+        for l in ["TLS", "WSS"] {
+            let key = |k: &str| format!("ACTIMQ__LISTENER__{l}__{k}");
+            let name = l.to_lowercase();
+            let err = load_env(&[(&key("ENABLED"), "true")])
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "invalid value for `listener.{name}.cert_file`: is required when the \
+                     listener is enabled"
+                )
+            );
+            let err = load_env(&[(&key("ENABLED"), "true"), (&key("CERT_FILE"), "/c.pem")])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("listener.{name}.key_file")), "{err}");
+            let err = load_env(&[
+                (&key("ENABLED"), "true"),
+                (&key("CERT_FILE"), "/c.pem"),
+                (&key("KEY_FILE"), "/k.pem"),
+                (&key("CN_AS_USERNAME"), "true"),
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains(&format!("listener.{name}.cn_as_username")),
+                "{err}"
+            );
+            let cfg = load_env(&[
+                (&key("ENABLED"), "true"),
+                (&key("CERT_FILE"), "/c.pem"),
+                (&key("KEY_FILE"), "/k.pem"),
+                (&key("CA_FILE"), "/ca.pem"),
+                (&key("CN_AS_USERNAME"), "true"),
+            ])
+            .unwrap();
+            let files = match l {
+                "TLS" => cfg.listener.tls.files(),
+                _ => cfg.listener.wss.files(),
+            };
+            assert_eq!(
+                files.unwrap(),
+                Some(TlsFiles {
+                    cert_file: "/c.pem".into(),
+                    key_file: "/k.pem".into(),
+                    ca_file: Some("/ca.pem".into()),
+                    cn_as_username: true,
+                })
+            );
+        }
+        let err = env_error("ACTIMQ__LISTENER__WSS__PATH", "mqtt");
+        assert!(err.contains("listener.wss.path"), "{err}");
     }
 
     #[test]

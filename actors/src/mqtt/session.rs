@@ -29,8 +29,10 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix_codec::Decoder;
 use bytes::{Bytes, BytesMut};
+use futures::channel::mpsc;
+use futures::StreamExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::codec::{
     ConnAck, Connect, DecodeFailure, Encoder, Inbound, MqttDecoder, OutPublish, Proto, Publish,
@@ -123,6 +125,11 @@ const CHECKPOINT_TICKS: u32 = 2;
 const MAX_EARLY_PACKETS: usize = 1024;
 const MAX_ROUTE_CACHE: usize = 4096;
 const MAX_PUBLISH_BATCH: usize = 256;
+/// How long a closed connection's IO task may go on writing what was left for it.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Smallest and largest read buffer of a connection.
+const MIN_READ: usize = 256;
+const MAX_READ: usize = 64 * 1024;
 
 pub struct MqttSession {
     gw: Gateway,
@@ -131,12 +138,15 @@ pub struct MqttSession {
 
     /// Encoded packets not yet handed to the writer task.
     out: BytesMut,
+    /// futures' channel, not tokio's: tokio preallocates a block of 32 slots per
+    /// channel, about 1 KiB for every idle connection.
     writer: Option<mpsc::UnboundedSender<Bytes>>,
     /// Bytes handed to the writer task and not yet written to the socket.
     write_pending: Arc<AtomicUsize>,
     /// Set when the session stopped pulling for lack of write buffer.
     wants_drain: Arc<AtomicBool>,
-    reader: Option<tokio::task::JoinHandle<()>>,
+    /// The connection's IO task; aborted a grace period after the session stops.
+    io_task: Option<tokio::task::JoinHandle<()>>,
     /// One permit per PUBLISH in the pipeline (taken by the reader task).
     permits: Arc<Semaphore>,
     enc: Encoder,
@@ -177,6 +187,8 @@ pub struct MqttSession {
     handed_off: bool,
     /// CONNACK went out: only then is this session's state worth keeping.
     was_connected: bool,
+    /// Closes the connection if CONNECT does not come in time; cancelled on CONNECT.
+    connect_timer: Option<SpawnHandle>,
     ticks: u32,
 }
 
@@ -186,11 +198,13 @@ impl MqttSession {
     where
         S: AsyncRead + AsyncWrite + Unpin + 'static,
     {
-        let (r, w) = tokio::io::split(io);
         let cfg = gw.config().clone();
         let conn_id = gw.next_id();
         let log = gw.inner.log.new(
-            slog::o!("actor" => "mqtt_session", "conn" => conn_id, "peer" => peer.to_string()),
+            // FnValue: the address is formatted only when a line is logged, not
+            // stored as a String in every connection's logger.
+            slog::o!("actor" => "mqtt_session", "conn" => conn_id,
+                "peer" => slog::FnValue(move |_: &slog::Record| peer.to_string())),
         );
         MqttSession::create(move |ctx| {
             ctx.set_mailbox_capacity(64);
@@ -200,30 +214,28 @@ impl MqttSession {
             let permits = Arc::new(Semaphore::new(
                 (cfg.receive_maximum as usize).max(MAX_PUBLISH_BATCH),
             ));
-            let (tx, rx) = mpsc::unbounded_channel();
-            actix::spawn(write_loop(
-                w,
-                rx,
-                write_pending.clone(),
-                wants_drain.clone(),
-                addr.downgrade(),
-                cfg.max_write_buffer / 2,
-            ));
-            let reader = actix::spawn(read_loop(
-                r,
+            let (tx, rx) = mpsc::unbounded();
+            let io_task = actix::spawn(io_loop(
+                io,
                 MqttDecoder::new(cfg.max_packet_size),
                 addr,
                 permits.clone(),
+                WriteSide {
+                    rx,
+                    pending: write_pending.clone(),
+                    wants_drain: wants_drain.clone(),
+                    low: cfg.max_write_buffer / 2,
+                },
             ));
             MqttSession {
                 gw,
                 conn_id,
                 log,
-                out: BytesMut::with_capacity(4096),
+                out: BytesMut::new(),
                 writer: Some(tx),
                 write_pending,
                 wants_drain,
-                reader: Some(reader),
+                io_task: Some(io_task),
                 permits,
                 enc: Encoder::new(Proto::V3(4)),
                 phase: Phase::AwaitConnect,
@@ -252,6 +264,7 @@ impl MqttSession {
                 dirty: false,
                 handed_off: false,
                 was_connected: false,
+                connect_timer: None,
                 ticks: 0,
             }
         })
@@ -271,7 +284,7 @@ impl MqttSession {
         let buf = self.out.split().freeze();
         let pending = self.write_pending.fetch_add(buf.len(), Ordering::AcqRel) + buf.len();
         if let Some(tx) = &self.writer {
-            if tx.send(buf).is_err() {
+            if tx.unbounded_send(buf).is_err() {
                 self.close(None, true, ctx);
                 return;
             }
@@ -315,7 +328,7 @@ impl MqttSession {
             // The writer task subtracts what it writes: count it in, as `flush` does.
             self.write_pending.fetch_add(buf.len(), Ordering::AcqRel);
             if let Some(tx) = &self.writer {
-                let _ = tx.send(buf);
+                let _ = tx.unbounded_send(buf);
             }
         }
         if was != Phase::AwaitConnect {
@@ -340,6 +353,9 @@ impl MqttSession {
     // ---------------------------------------------------------------- CONNECT
 
     fn on_connect(&mut self, c: Connect, ctx: &mut Context<Self>) {
+        if let Some(t) = self.connect_timer.take() {
+            ctx.cancel_future(t);
+        }
         self.proto = c.proto;
         self.enc = Encoder::new(c.proto);
         let cfg = self.cfg().clone();
@@ -385,7 +401,10 @@ impl MqttSession {
             .set_capacity((cfg.max_inflight as usize).min(c.receive_max as usize));
         self.will = c.will;
         self.client_id = client_id.as_str().into();
-        self.log = self.log.new(slog::o!("client_id" => client_id.clone()));
+        let cid = self.client_id.clone();
+        self.log = self.log.new(slog::o!(
+            "client_id" => slog::FnValue(move |_: &slog::Record| cid.to_string())
+        ));
         self.phase = Phase::Registering;
 
         let reg = Register {
@@ -1396,21 +1415,27 @@ impl Actor for MqttSession {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let timeout = Duration::from_secs(self.cfg().connect_timeout_secs.max(1));
-        ctx.run_later(timeout, |act, ctx| {
+        self.connect_timer = Some(ctx.run_later(timeout, |act, ctx| {
             if act.phase == Phase::AwaitConnect {
                 slog::debug!(act.log, "no CONNECT in time; closing");
                 act.close(None, false, ctx);
             }
-        });
+        }));
         ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
     }
 
     fn stopped(&mut self, _: &mut Context<Self>) {
-        if let Some(r) = self.reader.take() {
-            r.abort();
-        }
-        // Dropping the sender lets the writer task flush what is left and close.
+        // Dropping the sender lets the IO task write what is left and close; closing the
+        // semaphore frees it if it waits for pipeline room; the abort bounds the rest (a
+        // peer that never reads what is left).
         self.writer = None;
+        self.permits.close();
+        if let Some(task) = self.io_task.take() {
+            actix::spawn(async move {
+                tokio::time::sleep(CLOSE_GRACE).await;
+                task.abort();
+            });
+        }
         for q in self.by_queue.keys() {
             self.unwatch(q);
         }
@@ -1554,19 +1579,106 @@ impl Handler<ServerShutdown> for MqttSession {
     }
 }
 
-/// Reads the socket, decodes packets and hands them to the session in batches.
-async fn read_loop<R: AsyncRead + Unpin>(
-    mut r: R,
+/// The write side of a connection's IO task, shared with its session.
+struct WriteSide {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    pending: Arc<AtomicUsize>,
+    wants_drain: Arc<AtomicBool>,
+    /// Below this many unwritten bytes, a session that asked is told `Drained`.
+    low: usize,
+}
+
+/// One task per connection does all its IO (one task, not a reader and a writer, to keep
+/// an idle connection small): it reads the socket, decodes packets and hands them to the
+/// session in batches, and it writes what the session hands over, one buffer per write.
+///
+/// Back-pressure: before handing over PUBLISHes it takes one permit each from the
+/// session's pipeline semaphore, so reading stops while the pipeline is full. Writing
+/// counts unwritten bytes in `pending` and tells the session `Drained` when they fall
+/// below `low`. The task ends when the session drops its sender (after writing what is
+/// left); a session that stopped aborts it after a grace period, so a peer that never
+/// reads cannot keep it alive.
+async fn io_loop<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
     mut dec: MqttDecoder,
     addr: Addr<MqttSession>,
     permits: Arc<Semaphore>,
+    mut out: WriteSide,
 ) {
-    let mut buf = BytesMut::with_capacity(8192);
+    let (mut r, mut w) = tokio::io::split(io);
+    // Read-buffer size adapts: small for the many idle devices (memory per connection),
+    // doubling while reads fill it (throughput for busy publishers).
+    let mut want = MIN_READ;
+    let mut buf = BytesMut::new();
+    let mut reading = true;
+    loop {
+        if reading {
+            if buf.is_empty() && buf.capacity() > 2 * want {
+                // Drop a buffer grown for a burst once it is drained (no copy: it is empty).
+                buf = BytesMut::new();
+            }
+            if buf.capacity() - buf.len() < want {
+                buf.reserve(want);
+            }
+        }
+        let room = buf.capacity() - buf.len();
+        tokio::select! {
+            // Writes first: they free the client's window and the session's buffer.
+            biased;
+            next = out.rx.next() => {
+                let Some(bytes) = next else { break };
+                if w.write_all(&bytes).await.is_err() {
+                    addr.do_send(Drained { failed: true });
+                    break;
+                }
+                let left = out
+                    .pending
+                    .fetch_sub(bytes.len(), Ordering::AcqRel)
+                    .saturating_sub(bytes.len());
+                if left <= out.low && out.wants_drain.swap(false, Ordering::AcqRel) {
+                    addr.do_send(Drained { failed: false });
+                }
+            }
+            // `read_buf` is cancel-safe: losing the race to a write loses no bytes.
+            res = r.read_buf(&mut buf), if reading => {
+                match res {
+                    Ok(0) => {
+                        addr.do_send(ReadEnded(None));
+                        reading = false;
+                    }
+                    Err(e) => {
+                        addr.do_send(ReadEnded(Some(e.into())));
+                        reading = false;
+                    }
+                    Ok(n) => {
+                        if n >= room {
+                            want = (want * 2).min(MAX_READ);
+                        } else if n < want / 4 {
+                            want = (want / 2).max(MIN_READ);
+                        }
+                        reading = deliver(&mut dec, &mut buf, &addr, &permits).await;
+                    }
+                }
+            }
+        }
+    }
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+}
+
+/// Decode every whole packet in `buf` and hand them to the session, in batches of at
+/// most `MAX_PUBLISH_BATCH`. False when reading should stop (bad input, session gone).
+async fn deliver(
+    dec: &mut MqttDecoder,
+    buf: &mut BytesMut,
+    addr: &Addr<MqttSession>,
+    permits: &Semaphore,
+) -> bool {
     loop {
         let mut frames = Vec::new();
         let mut failure = None;
         while frames.len() < MAX_PUBLISH_BATCH {
-            match dec.decode(&mut buf) {
+            match dec.decode(buf) {
                 Ok(Some(p)) => frames.push(p),
                 Ok(None) => break,
                 Err(e) => {
@@ -1584,62 +1696,18 @@ async fn read_loop<R: AsyncRead + Unpin>(
             // Back-pressure: wait for room in the session's pipeline before reading on.
             match permits.acquire_many(publishes).await {
                 Ok(p) => p.forget(),
-                Err(_) => return,
+                Err(_) => return false,
             }
         }
         if !frames.is_empty() && addr.send(Frames(frames)).await.is_err() {
-            return;
+            return false;
         }
         if let Some(e) = failure {
             addr.do_send(ReadEnded(Some(e)));
-            return;
+            return false;
         }
-        if full {
-            continue;
-        }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(8192);
-        }
-        match r.read_buf(&mut buf).await {
-            Ok(0) => {
-                addr.do_send(ReadEnded(None));
-                return;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                addr.do_send(ReadEnded(Some(e.into())));
-                return;
-            }
+        if !full {
+            return true;
         }
     }
-}
-
-/// Writes what the session hands over, one buffer per write, and tells the session
-/// when its backlog has drained below `low` (if it asked).
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut w: W,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-    pending: Arc<AtomicUsize>,
-    wants_drain: Arc<AtomicBool>,
-    addr: actix::WeakAddr<MqttSession>,
-    low: usize,
-) {
-    while let Some(buf) = rx.recv().await {
-        if w.write_all(&buf).await.is_err() {
-            if let Some(a) = addr.upgrade() {
-                a.do_send(Drained { failed: true });
-            }
-            return;
-        }
-        let left = pending
-            .fetch_sub(buf.len(), Ordering::AcqRel)
-            .saturating_sub(buf.len());
-        if left <= low && wants_drain.swap(false, Ordering::AcqRel) {
-            if let Some(a) = addr.upgrade() {
-                a.do_send(Drained { failed: false });
-            }
-        }
-    }
-    let _ = w.flush().await;
-    let _ = w.shutdown().await;
 }

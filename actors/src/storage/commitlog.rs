@@ -1068,6 +1068,7 @@ pub async fn recover(p: RecoverParams) -> Result<Recovered, StorageError> {
             log.clone(),
         );
         let idle = Duration::from_secs(cfg.queue_idle_secs);
+        let cache = cfg.cache_bytes / cfg.index_shards.max(1);
         shards.push(QueueIndex::start_in_arbiter(arb, move |_| {
             QueueIndex::new(
                 i,
@@ -1075,6 +1076,7 @@ pub async fn recover(p: RecoverParams) -> Result<Recovered, StorageError> {
                 max_record,
                 idle,
                 per_shard_files,
+                cache,
                 tbl,
                 nts,
                 bounds,

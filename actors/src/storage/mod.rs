@@ -305,6 +305,10 @@ pub struct StorageConfig {
     /// Largest record body; larger appends fail with `TooLarge`, larger records on disk are
     /// treated as corrupt. Clamped to `record::HARD_MAX_RECORD_BYTES` (64 MiB).
     pub max_record_bytes: usize,
+    /// Decoded messages kept in memory (in all, split across the index shards) so that
+    /// fan-out to many queues and readers close to the head do not decode a record many
+    /// times. The largest fixed share of the node's memory.
+    pub cache_bytes: usize,
 }
 
 impl Default for StorageConfig {
@@ -321,6 +325,7 @@ impl Default for StorageConfig {
             queue_idle_secs: 60,
             max_open_files: 256,
             max_record_bytes: 16 << 20,
+            cache_bytes: 32 << 20,
         }
     }
 }

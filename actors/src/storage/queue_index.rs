@@ -47,8 +47,6 @@ use super::{
 };
 
 pub const INDEX_MAILBOX: usize = 1024;
-/// Message cache budget per shard.
-pub const CACHE_BYTES_PER_SHARD: usize = 32 << 20;
 /// A pull never returns more than this many messages, whatever `max` says.
 pub const MAX_PULL: usize = 8192;
 /// A queue with more unwritten entries than this is written out early (if durable).
@@ -314,6 +312,7 @@ impl QueueIndex {
         max_record: usize,
         idle: Duration,
         max_open_files: usize,
+        cache_bytes: usize,
         segments: SegmentTable,
         notifiers: Arc<[Addr<Notifier>]>,
         bounds: LogBounds,
@@ -330,7 +329,7 @@ impl QueueIndex {
             reserved: HashSet::new(),
             dirty: HashSet::new(),
             files: FileLru::new(max_open_files),
-            cache: MsgCache::new(CACHE_BYTES_PER_SHARD),
+            cache: MsgCache::new(cache_bytes),
             log_start: bounds.start,
             log_end: bounds.end,
             synced_upto: bounds.end,
