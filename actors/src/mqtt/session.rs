@@ -117,6 +117,34 @@ enum Delivery {
     WindowFull,
 }
 
+/// Session state that an idle device never needs (see `MqttSession::extra`).
+struct Extra {
+    /// Inbound topic aliases (v5).
+    aliases: HashMap<u16, String>,
+    /// Packets received after CONNECT and before CONNACK went out.
+    early: Vec<Inbound>,
+    /// Retained messages matched on SUBSCRIBE, waiting for room in the window.
+    retained_backlog: VecDeque<(Arc<Message>, u8, Vec<u32>)>,
+    /// Inbound QoS 2 packet ids still in the pipeline (not yet stored).
+    qos2_pending: HashSet<u16>,
+    /// Cached topic → queues routes, valid while the route epoch is `routes_epoch`.
+    routes: HashMap<String, Arc<[QueueName]>>,
+    routes_epoch: u64,
+}
+
+impl Default for Extra {
+    fn default() -> Self {
+        Extra {
+            aliases: HashMap::new(),
+            early: Vec::new(),
+            retained_backlog: VecDeque::new(),
+            qos2_pending: HashSet::new(),
+            routes: HashMap::new(),
+            routes_epoch: u64::MAX,
+        }
+    }
+}
+
 const TICK: Duration = Duration::from_secs(1);
 /// Every this many ticks, pull every subscription once even without a hint
 /// (hints may be dropped when a mailbox is full).
@@ -134,6 +162,7 @@ const MAX_READ: usize = 64 * 1024;
 pub struct MqttSession {
     gw: Gateway,
     conn_id: u64,
+    peer: SocketAddr,
     log: slog::Logger,
 
     /// Encoded packets not yet handed to the writer task.
@@ -156,31 +185,30 @@ pub struct MqttSession {
     client_id: Arc<str>,
     keep_alive: Option<Duration>,
     last_seen: Instant,
-    will: Option<Will>,
+    /// Boxed: most sessions have none, and inline it is a few hundred bytes.
+    will: Option<Box<Will>>,
+    /// State only publishers, subscribers of retained messages and clients that
+    /// pipeline after CONNECT need; allocated on first use (memory per idle connection).
+    extra: Option<Box<Extra>>,
     /// Whether the will goes out when the session stops (false after DISCONNECT 0x00).
     will_on_close: bool,
     session_expiry: u32,
-    aliases: HashMap<u16, String>,
-    early: Vec<Inbound>,
 
     subs: HashMap<String, Sub>,
     by_queue: HashMap<QueueName, String>,
     inflight: Inflight,
-    /// Retained messages matched on SUBSCRIBE, waiting for room in the window.
-    retained_backlog: VecDeque<(Arc<Message>, u8, Vec<u32>)>,
     window_blocked: bool,
     /// Resending the in-flight messages of a resumed session; new pulls wait.
     resuming: bool,
     qos2_in: HashSet<u16>,
-    qos2_pending: HashSet<u16>,
 
     pipeline: VecDeque<Op>,
+    /// QoS 1/2 publishes received and not yet acknowledged (for Receive Maximum).
+    unacked_in: usize,
     busy: bool,
     /// DISCONNECT or end of stream seen: close (publishing the will if `true`) once the
     /// pipeline has drained, so that publishes sent before it are not lost.
     closing: Option<bool>,
-    routes: HashMap<String, Arc<[QueueName]>>,
-    routes_epoch: u64,
 
     dirty: bool,
     /// The registry has the state already (takeover, shutdown): don't unregister it.
@@ -230,6 +258,7 @@ impl MqttSession {
             MqttSession {
                 gw,
                 conn_id,
+                peer,
                 log,
                 out: BytesMut::new(),
                 writer: Some(tx),
@@ -244,23 +273,19 @@ impl MqttSession {
                 keep_alive: None,
                 last_seen: Instant::now(),
                 will: None,
+                extra: None,
                 will_on_close: true,
                 session_expiry: 0,
-                aliases: HashMap::new(),
-                early: Vec::new(),
                 subs: HashMap::new(),
                 by_queue: HashMap::new(),
                 inflight: Inflight::new(cfg.max_inflight as usize),
-                retained_backlog: VecDeque::new(),
                 window_blocked: false,
                 resuming: false,
                 qos2_in: HashSet::new(),
-                qos2_pending: HashSet::new(),
                 pipeline: VecDeque::new(),
+                unacked_in: 0,
                 busy: false,
                 closing: None,
-                routes: HashMap::new(),
-                routes_epoch: u64::MAX,
                 dirty: false,
                 handed_off: false,
                 was_connected: false,
@@ -268,6 +293,10 @@ impl MqttSession {
                 ticks: 0,
             }
         })
+    }
+
+    fn extra(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
     }
 
     fn cfg(&self) -> &super::MqttConfig {
@@ -399,10 +428,14 @@ impl MqttSession {
         }
         self.inflight
             .set_capacity((cfg.max_inflight as usize).min(c.receive_max as usize));
-        self.will = c.will;
+        self.will = c.will.map(Box::new);
         self.client_id = client_id.as_str().into();
+        // One logger node per connection: rebuilt from the root rather than chained.
         let cid = self.client_id.clone();
-        self.log = self.log.new(slog::o!(
+        let peer = self.peer;
+        self.log = self.gw.inner.log.new(slog::o!(
+            "actor" => "mqtt_session", "conn" => self.conn_id,
+            "peer" => slog::FnValue(move |_: &slog::Record| peer.to_string()),
             "client_id" => slog::FnValue(move |_: &slog::Record| cid.to_string())
         ));
         self.phase = Phase::Registering;
@@ -448,7 +481,11 @@ impl MqttSession {
                 if let Some(state) = state {
                     act.resume(state, ctx);
                 }
-                let early = std::mem::take(&mut act.early);
+                let early = act
+                    .extra
+                    .as_mut()
+                    .map(|e| std::mem::take(&mut e.early))
+                    .unwrap_or_default();
                 for p in early {
                     act.on_packet(p, ctx);
                 }
@@ -584,10 +621,10 @@ impl MqttSession {
             }
             Phase::Registering => {
                 // A client may send packets right after CONNECT, before CONNACK.
-                if self.early.len() >= MAX_EARLY_PACKETS {
+                if self.extra().early.len() >= MAX_EARLY_PACKETS {
                     return self.close(None, false, ctx);
                 }
-                self.early.push(p);
+                self.extra().early.push(p);
                 return;
             }
             Phase::Connected => {}
@@ -658,12 +695,12 @@ impl MqttSession {
                 return self.protocol_error(0x94, "topic alias out of range", ctx);
             }
             if p.topic.is_empty() {
-                match self.aliases.get(&alias) {
+                match self.extra().aliases.get(&alias) {
                     Some(t) => p.topic = t.clone(),
                     None => return self.protocol_error(0x82, "unknown topic alias", ctx),
                 }
             } else {
-                self.aliases.insert(alias, p.topic.clone());
+                self.extra().aliases.insert(alias, p.topic.clone());
             }
         }
         if let Err(e) = topic::validate_name(&p.topic, self.cfg().max_topic_levels) {
@@ -684,7 +721,7 @@ impl MqttSession {
                     self.permits.add_permits(1);
                     return;
                 }
-                if !self.qos2_pending.insert(id) {
+                if !self.extra().qos2_pending.insert(id) {
                     // The first copy is still being stored; its PUBREC will answer both.
                     self.permits.add_permits(1);
                     return;
@@ -692,12 +729,9 @@ impl MqttSession {
             }
         }
         if v5 && p.qos > 0 {
-            let unacked = self.qos2_in.len()
-                + self
-                    .pipeline
-                    .iter()
-                    .filter(|o| matches!(o, Op::Publish(p) if p.qos > 0))
-                    .count();
+            // Stored and awaiting PUBREL, plus received and not yet acknowledged
+            // (queued or being stored).
+            let unacked = self.qos2_in.len() + self.unacked_in;
             if unacked >= self.cfg().receive_maximum as usize {
                 // MQTT-3.3.4-8 / v5 §3.3.4: 0x93 Receive Maximum exceeded.
                 return self.protocol_error(0x93, "receive maximum exceeded", ctx);
@@ -710,13 +744,16 @@ impl MqttSession {
                     let _ = self.enc.puback(id, 0x99, &mut self.out);
                 }
                 (2, Some(id)) => {
-                    self.qos2_pending.remove(&id);
+                    self.extra().qos2_pending.remove(&id);
                     let _ = self.enc.pubrec(id, 0x99, &mut self.out);
                 }
                 _ => {}
             }
             self.permits.add_permits(1);
             return;
+        }
+        if p.qos > 0 {
+            self.unacked_in += 1;
         }
         self.pipeline.push_back(Op::Publish(p));
     }
@@ -790,14 +827,14 @@ impl MqttSession {
     /// Route, retain and append a batch of publishes, then acknowledge them in order.
     fn publish_batch(&mut self, batch: Vec<Publish>, ctx: &mut Context<Self>) {
         let epoch = self.gw.inner.route_epoch.load(Ordering::Acquire);
-        if epoch != self.routes_epoch || self.routes.len() > MAX_ROUTE_CACHE {
-            self.routes.clear();
-            self.routes_epoch = epoch;
+        if epoch != self.extra().routes_epoch || self.extra().routes.len() > MAX_ROUTE_CACHE {
+            self.extra().routes.clear();
+            self.extra().routes_epoch = epoch;
         }
         let nshards = self.gw.inner.shards.len();
         let mut misses: Vec<Vec<String>> = vec![Vec::new(); nshards];
         for p in &batch {
-            if !self.routes.contains_key(&p.topic) {
+            if !self.extra().routes.contains_key(&p.topic) {
                 let list = &mut misses[shard_of(first_level(&p.topic), nshards)];
                 if !list.contains(&p.topic) {
                     list.push(p.topic.clone());
@@ -821,7 +858,7 @@ impl MqttSession {
                 match res {
                     Ok(queues) => {
                         for (t, q) in topics.into_iter().zip(queues) {
-                            act.routes.insert(t, q.into());
+                            act.extra().routes.insert(t, q.into());
                         }
                     }
                     Err(_) => return act.close(Some(0x80), true, ctx),
@@ -839,6 +876,7 @@ impl MqttSession {
         let mut acks = Vec::with_capacity(batch.len());
         for p in batch {
             let queues: Vec<QueueName> = self
+                .extra()
                 .routes
                 .get(&p.topic)
                 .map(|q| q.to_vec())
@@ -898,6 +936,8 @@ impl MqttSession {
         };
         ctx.spawn(fut.into_actor(self).map(move |results, act, ctx| {
             act.permits.add_permits(acks.len());
+            let acked = acks.iter().filter(|(q, _)| *q > 0).count();
+            act.unacked_in = act.unacked_in.saturating_sub(acked);
             let mut failed = false;
             for ((qos, id), res) in acks.into_iter().zip(results) {
                 let ok = res.is_ok();
@@ -912,7 +952,7 @@ impl MqttSession {
                         }
                     }
                     (2, Some(id)) => {
-                        act.qos2_pending.remove(&id);
+                        act.extra().qos2_pending.remove(&id);
                         if ok {
                             act.qos2_in.insert(id);
                         }
@@ -1082,7 +1122,9 @@ impl MqttSession {
             act.persist_then(ctx, move |act, ctx| {
                 let _ = act.enc.suback(packet_id, &codes, &mut act.out);
                 // Retained messages follow the SUBACK (MQTT-3.3.1-8: with RETAIN set).
-                act.retained_backlog.extend(retained_out);
+                if !retained_out.is_empty() {
+                    act.extra().retained_backlog.extend(retained_out);
+                }
                 act.send_retained_backlog();
                 act.busy = false;
                 act.drive(ctx);
@@ -1175,7 +1217,12 @@ impl MqttSession {
     fn on_ack(&mut self, packet_id: u16, ctx: &mut Context<Self>) {
         if self.inflight.remove(packet_id).is_some() {
             self.dirty = true;
-            if self.window_blocked || !self.retained_backlog.is_empty() {
+            if self.window_blocked
+                || self
+                    .extra
+                    .as_ref()
+                    .is_some_and(|e| !e.retained_backlog.is_empty())
+            {
                 self.window_blocked = false;
                 self.send_retained_backlog();
                 self.pull_all(ctx);
@@ -1242,10 +1289,15 @@ impl MqttSession {
     }
 
     fn send_retained_backlog(&mut self) {
-        while let Some((msg, qos, sub_ids)) = self.retained_backlog.pop_front() {
+        if self.extra.is_none() {
+            return;
+        }
+        while let Some((msg, qos, sub_ids)) = self.extra().retained_backlog.pop_front() {
             let topic = msg.topic.clone();
             if self.deliver(&msg, qos, true, &sub_ids, "", 0, Some(topic)) == Delivery::WindowFull {
-                self.retained_backlog.push_front((msg, qos, sub_ids));
+                self.extra()
+                    .retained_backlog
+                    .push_front((msg, qos, sub_ids));
                 return;
             }
         }
@@ -1454,7 +1506,7 @@ impl Actor for MqttSession {
             return;
         }
         let will = if self.will_on_close {
-            self.will.take()
+            self.will.take().map(|w| *w)
         } else {
             None
         };
@@ -1552,6 +1604,7 @@ impl Handler<Takeover> for MqttSession {
         let will = self
             .will
             .take()
+            .map(|w| *w)
             .filter(|w| w.delay_secs == 0 || m.clean_start);
         if let Some(will) = will {
             self.gw.inner.registry.do_send(Unregister {
@@ -1627,7 +1680,7 @@ async fn io_loop<S: AsyncRead + AsyncWrite + Unpin>(
             biased;
             next = out.rx.next() => {
                 let Some(bytes) = next else { break };
-                if w.write_all(&bytes).await.is_err() {
+                if Box::pin(w.write_all(&bytes)).await.is_err() {
                     addr.do_send(Drained { failed: true });
                     break;
                 }
@@ -1656,7 +1709,10 @@ async fn io_loop<S: AsyncRead + AsyncWrite + Unpin>(
                         } else if n < want / 4 {
                             want = (want / 2).max(MIN_READ);
                         }
-                        reading = deliver(&mut dec, &mut buf, &addr, &permits).await;
+                        // Boxed: this future (permit wait, mailbox send, frames) is only
+                        // alive while packets are handed over; inline it would make every
+                        // idle connection's task several hundred bytes larger.
+                        reading = Box::pin(deliver(&mut dec, &mut buf, &addr, &permits)).await;
                     }
                 }
             }
