@@ -660,26 +660,31 @@ async fn too_large_and_closed_are_errors() {
 /// `AppendBatch` and plain `Append`s sent concurrently are stored in the order they were
 /// sent, and every caller gets the position of its own record (the reply channels of the
 /// two kinds share one pipeline).
+///
+/// The requests are polled together in send order (`join_all`): when the mailbox is full,
+/// actix keeps a message inside its request future until it is polled, so a caller that
+/// polls later requests first would itself reorder them.
 #[actix_rt::test]
 async fn append_batches_interleaved_with_appends_keep_order_and_replies() {
+    use futures::FutureExt;
     let dir = tempfile::tempdir().expect("tempdir");
     let s = Storage::open(cfg(dir.path()), Capture::default().logger())
         .await
         .expect("open");
     let q = QueueName::topic("mix", 0);
-    let mut singles = Vec::new();
-    let mut batches = Vec::new();
+    // (first record index, answers in order)
+    let mut requests = Vec::new();
     let mut i = 0usize;
     for round in 0..20 {
-        // Plain appends and a batch, all issued before any is awaited.
         for _ in 0..3 {
-            singles.push((
-                i,
-                s.commitlog.send(Append {
+            let f = s
+                .commitlog
+                .send(Append {
                     message: msg(i, 40),
                     queues: vec![q.clone()],
-                }),
-            ));
+                })
+                .map(|r| vec![r.expect("mailbox")]);
+            requests.push((i, f.boxed_local()));
             i += 1;
         }
         let items: Vec<Append> = (i..i + 5 + round % 4)
@@ -688,25 +693,35 @@ async fn append_batches_interleaved_with_appends_keep_order_and_replies() {
                 queues: vec![q.clone()],
             })
             .collect();
-        let first = i;
-        i += items.len();
-        batches.push((first, s.commitlog.send(AppendBatch { items })));
+        let n = items.len();
+        let f = s
+            .commitlog
+            .send(AppendBatch { items })
+            .map(|r| r.expect("mailbox"));
+        requests.push((i, f.boxed_local()));
+        i += n;
     }
+    let (firsts, futs): (Vec<usize>, Vec<_>) = requests.into_iter().unzip();
     let mut by_index = std::collections::BTreeMap::new();
-    for (k, f) in singles {
-        by_index.insert(k, f.await.expect("mailbox").expect("append"));
-    }
-    for (first, f) in batches {
-        for (j, r) in f.await.expect("mailbox").into_iter().enumerate() {
-            by_index.insert(first + j, r.expect("batch append"));
+    for (first, answers) in firsts
+        .into_iter()
+        .zip(futures::future::join_all(futs).await)
+    {
+        for (j, r) in answers.into_iter().enumerate() {
+            by_index.insert(first + j, r.expect("append"));
         }
     }
     assert_eq!(by_index.len(), i);
     let positions: Vec<Position> = by_index.values().copied().collect();
-    assert!(
-        positions.windows(2).all(|w| w[0] < w[1]),
-        "log order is send order"
-    );
+    for (k, w) in positions.windows(2).enumerate() {
+        assert!(
+            w[0] < w[1],
+            "log order is send order: record {k} at {} but {} at {}",
+            w[0],
+            k + 1,
+            w[1]
+        );
+    }
     let pulled = pull_all(&s, &q).await;
     assert_eq!(pulled.len(), i);
     for (k, m) in pulled.iter().enumerate() {
