@@ -11,7 +11,7 @@
 //!   with the same client id are always ordered; a takeover waits at most
 //!   `TAKEOVER_TIMEOUT` for the old session to hand over its state.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -105,6 +105,9 @@ pub struct Register {
     pub addr: Addr<MqttSession>,
     /// Clean Start / Clean Session: discard any previous session.
     pub clean_start: bool,
+    /// The new connection keeps its session after it closes (expiry > 0), so it may
+    /// write session state to the KvStore.
+    pub persistent: bool,
 }
 
 /// A session stopped.
@@ -150,6 +153,10 @@ pub struct ClientRegistry {
     /// Offline persistent sessions and the timer that expires each.
     offline: HashMap<Arc<str>, SpawnHandle>,
     wills: HashMap<Arc<str>, SpawnHandle>,
+    /// Client ids that may have state in the KvStore (a superset). A clean connection
+    /// whose id is not here needs no storage round trip, which keeps connection storms
+    /// cheap.
+    stored: HashSet<Arc<str>>,
     shutting_down: bool,
     log: slog::Logger,
 }
@@ -162,6 +169,7 @@ impl ClientRegistry {
             live: HashMap::new(),
             offline: HashMap::new(),
             wills: HashMap::new(),
+            stored: HashSet::new(),
             shutting_down: false,
             log: log.new(slog::o!("actor" => "client_registry")),
         }
@@ -210,8 +218,13 @@ impl ClientRegistry {
             }
             let _ = storage.kv.send(KvPut { key, value: None }).await;
             delete_qos2(&storage, &client_id).await;
+            client_id
         };
-        ctx.spawn(fut.into_actor(self));
+        ctx.spawn(fut.into_actor(self).map(|cid, act, _| {
+            if !act.live.contains_key(&cid) && !act.offline.contains_key(&cid) {
+                act.stored.remove(&cid);
+            }
+        }));
     }
 
     fn publish_will(&self, client_id: &str, will: Will) {
@@ -312,6 +325,7 @@ impl Handler<Restore> for ClientRegistry {
                     continue;
                 };
                 let cid: Arc<str> = state.client_id.as_str().into();
+                act.stored.insert(cid.clone());
                 let left = state.expires_in(now);
                 if left == Some(Duration::ZERO) {
                     act.expire(cid, ctx);
@@ -358,6 +372,11 @@ impl Handler<Register> for ClientRegistry {
         let cid = m.client_id.clone();
         let clean = m.clean_start;
         let log = self.log.clone();
+        let had_stored = self.stored.contains(&cid);
+        if m.persistent {
+            self.stored.insert(cid.clone());
+        }
+        let (conn_id, persistent) = (m.conn_id, m.persistent);
         let fut = async move {
             // 1. Take the session over from a live connection with the same id.
             let mut state: Option<SessionState> = None;
@@ -382,7 +401,7 @@ impl Handler<Register> for ClientRegistry {
                 }
             }
             // 2. Or resume an offline persistent session.
-            if state.is_none() && !answered {
+            if state.is_none() && !answered && had_stored {
                 if let Ok(Ok(Some(bytes))) = storage
                     .kv
                     .send(crate::storage::KvGet {
@@ -393,7 +412,7 @@ impl Handler<Register> for ClientRegistry {
                     state = SessionState::decode(&bytes);
                 }
             }
-            if let Some(s) = state.as_mut() {
+            if let (Some(s), true) = (state.as_mut(), had_stored) {
                 let mut ids = load_qos2(&storage, &cid).await;
                 ids.retain(|id| !s.qos2_in.contains(id));
                 s.qos2_in.extend(ids);
@@ -405,19 +424,32 @@ impl Handler<Register> for ClientRegistry {
                         remove_routes(gw, &cid, &s.subs);
                     }
                 }
-                storage
-                    .kv
-                    .send(KvPut {
-                        key: session_key(&cid),
-                        value: None,
-                    })
-                    .await
-                    .map_err(|_| StorageError::Closed)??;
-                delete_qos2(&storage, &cid).await;
+                if had_stored {
+                    storage
+                        .kv
+                        .send(KvPut {
+                            key: session_key(&cid),
+                            value: None,
+                        })
+                        .await
+                        .map_err(|_| StorageError::Closed)??;
+                    delete_qos2(&storage, &cid).await;
+                }
             }
             Ok(state)
         };
-        Box::pin(fut.into_actor(self))
+        Box::pin(fut.into_actor(self).map(move |res, act, _| {
+            // Nothing stored any more for a clean, non-persistent connection that is
+            // still the current one.
+            let current = act
+                .live
+                .get(&m.client_id)
+                .is_some_and(|l| l.conn_id == conn_id);
+            if res.is_ok() && clean && !persistent && current {
+                act.stored.remove(&m.client_id);
+            }
+            res
+        }))
     }
 }
 

@@ -445,6 +445,7 @@ impl MqttSession {
             conn_id: self.conn_id,
             addr: ctx.address(),
             clean_start: c.clean_start,
+            persistent: self.session_expiry > 0,
         };
         let capped =
             (c.proto.is_v5() && asked != self.session_expiry).then_some(self.session_expiry);
