@@ -4,7 +4,7 @@
 //! The node is a library: the binary only loads the [`Config`] and calls
 //! [`Node::start`]; tests and embedders do the same (see [`crate::testing`]).
 //!
-//! Start: validate the config, bind every listener (so that a taken port fails before
+//! Start: validate the config, load TLS certificates, bind every listener (so that a taken port fails before
 //! any file is touched), open storage, start the gateway (which restores persistent
 //! sessions), start `io_threads` IO arbiters, and spawn one accept loop per listener on
 //! the current arbiter.
@@ -18,6 +18,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actimq_actors::mqtt::Gateway;
 use actimq_actors::storage::{Storage, StorageError};
@@ -28,7 +29,116 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError};
-use crate::listener::{IoArbiters, Listener};
+use crate::listener::{IoArbiters, Listener, Transport};
+use crate::tls::TlsError;
+use crate::ws::WsSettings;
+
+/// One listener to start: its name, address, cap and handshakes.
+struct ListenerPlan {
+    name: &'static str,
+    addr: SocketAddr,
+    max_connections: usize,
+    transport: Transport,
+}
+
+/// The enabled listeners of `config`, with TLS files loaded (so that a bad certificate
+/// stops start-up before anything is bound or opened).
+fn plan_listeners(config: &Config) -> Result<Vec<ListenerPlan>, NodeError> {
+    let l = &config.listener;
+    let max_frame = config.mqtt.max_packet_size as usize;
+    let ws = |path: &str| {
+        Arc::new(WsSettings {
+            path: path.to_string(),
+            max_frame,
+        })
+    };
+    let acceptor = |listener: &'static str, files: &crate::config::TlsFiles| {
+        crate::tls::acceptor(files).map_err(|source| NodeError::Tls { listener, source })
+    };
+    let mut plans = Vec::new();
+    if l.tcp.enabled {
+        plans.push(ListenerPlan {
+            name: "tcp",
+            addr: l.tcp.bind,
+            max_connections: l.tcp.max_connections,
+            transport: Transport::Tcp,
+        });
+    }
+    if l.ws.enabled {
+        plans.push(ListenerPlan {
+            name: "ws",
+            addr: l.ws.bind,
+            max_connections: l.ws.max_connections,
+            transport: Transport::Ws(ws(&l.ws.path)),
+        });
+    }
+    if let Some(files) = l.tls.files()? {
+        plans.push(ListenerPlan {
+            name: "tls",
+            addr: l.tls.bind,
+            max_connections: l.tls.max_connections,
+            transport: Transport::Tls {
+                acceptor: acceptor("tls", &files)?,
+                cn: files.cn_as_username,
+            },
+        });
+    }
+    if let Some(files) = l.wss.files()? {
+        plans.push(ListenerPlan {
+            name: "wss",
+            addr: l.wss.bind,
+            max_connections: l.wss.max_connections,
+            transport: Transport::Wss {
+                acceptor: acceptor("wss", &files)?,
+                cn: files.cn_as_username,
+                ws: ws(&l.wss.path),
+            },
+        });
+    }
+    Ok(plans)
+}
+
+/// Pending connections the kernel may queue per listener.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Bind one listener; the error names it.
+async fn bind(
+    name: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), NodeError> {
+    let err = |source| NodeError::Bind {
+        listener: name,
+        addr,
+        source,
+    };
+    // A deep accept queue: devices reconnect in bursts (after a network blip, every one
+    // at once), and a full queue makes the kernel drop SYNs, which clients retry only
+    // after a second. The kernel caps this at net.core.somaxconn.
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    let listener = socket.listen(LISTEN_BACKLOG).map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
+}
+
+/// Where each listener really listens (ports are known only after binding).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BoundAddrs {
+    /// `listener.tcp`.
+    pub tcp: Option<SocketAddr>,
+    /// `listener.ws`.
+    pub ws: Option<SocketAddr>,
+    /// `listener.tls`.
+    pub tls: Option<SocketAddr>,
+    /// `listener.wss`.
+    pub wss: Option<SocketAddr>,
+}
 
 /// Why a node did not start.
 #[derive(Debug, thiserror::Error)]
@@ -44,10 +154,18 @@ pub enum NodeError {
         /// What the OS said.
         source: io::Error,
     },
+    /// A TLS listener's certificate, key or CA could not be loaded.
+    #[error("cannot set up TLS for listener.{listener}: {source}")]
+    Tls {
+        /// Which listener: `tls` or `wss`.
+        listener: &'static str,
+        /// What was wrong (names the file).
+        source: TlsError,
+    },
     /// A listener could not bind its address (in use, or not ours).
     #[error("cannot listen on {addr} (listener.{listener}.bind): {source}")]
     Bind {
-        /// Which listener: `tcp` or `ws`.
+        /// Which listener: `tcp`, `ws`, `tls` or `wss`.
         listener: &'static str,
         /// The configured address.
         addr: SocketAddr,
@@ -105,29 +223,12 @@ impl NodeBuilder {
         let log = log.unwrap_or_else(|| slog::Logger::root(slog::Discard, o!()));
         config.validate()?;
 
-        // Bind first: a port in use is the commonest start-up failure, and it should
-        // not cost a storage recovery.
-        let tcp = if config.listener.tcp.enabled {
-            let addr = config.listener.tcp.bind;
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|source| NodeError::Bind {
-                    listener: "tcp",
-                    addr,
-                    source,
-                })?;
-            let bound = listener.local_addr().map_err(|source| NodeError::Bind {
-                listener: "tcp",
-                addr,
-                source,
-            })?;
-            Some((listener, bound))
-        } else {
-            None
-        };
-        if config.listener.ws.enabled {
-            warn!(log, "the WebSocket listener is not implemented yet; [listener.ws] is ignored";
-                "bind" => %config.listener.ws.bind);
+        // Load certificates and bind first: a port in use or a bad certificate is the
+        // commonest start-up failure, and it should not cost a storage recovery.
+        let mut bound = Vec::new();
+        for plan in plan_listeners(&config)? {
+            let (listener, addr) = bind(plan.name, plan.addr).await?;
+            bound.push((plan, listener, addr));
         }
 
         let dir = config.node.data_dir.clone();
@@ -162,21 +263,30 @@ impl NodeBuilder {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut accept_loops = Vec::new();
-        let mut mqtt_addr = None;
-        if let Some((listener, bound)) = tcp {
+        let mut addrs = BoundAddrs::default();
+        let handshake_timeout = Duration::from_secs(config.mqtt.connect_timeout_secs.max(1));
+        for (plan, listener, addr) in bound {
             let listener = Listener {
-                name: "tcp",
+                name: plan.name,
+                transport: plan.transport,
+                handshake_timeout,
                 listener,
-                slots: Arc::new(Semaphore::new(config.listener.tcp.max_connections)),
+                slots: Arc::new(Semaphore::new(plan.max_connections)),
                 io: io.clone(),
                 gateway: gateway.clone(),
-                log: log.new(o!("listener" => "tcp")),
+                log: log.new(o!("listener" => plan.name)),
                 refused: 0,
             };
             // Tests and the CLI test read the real port from this line.
-            info!(log, "listening"; "listener" => listener.name, "addr" => %bound);
+            info!(log, "listening"; "listener" => listener.name, "addr" => %addr);
             accept_loops.push(actix_rt::spawn(listener.run(shutdown_rx.clone())));
-            mqtt_addr = Some(bound);
+            let slot = match plan.name {
+                "tcp" => &mut addrs.tcp,
+                "ws" => &mut addrs.ws,
+                "tls" => &mut addrs.tls,
+                _ => &mut addrs.wss,
+            };
+            *slot = Some(addr);
         }
         info!(log, "node started";
             "data_dir" => %dir.display(), "io_threads" => arbiters.len(),
@@ -185,7 +295,7 @@ impl NodeBuilder {
         Ok(NodeHandle {
             storage,
             gateway,
-            mqtt_addr,
+            addrs,
             shutdown,
             accept_loops,
             arbiters,
@@ -201,8 +311,8 @@ pub struct NodeHandle {
     storage: Storage,
     /// The MQTT gateway, for in-process users and to shut sessions down.
     gateway: Gateway,
-    /// Where the TCP listener really listens (the port is known only after binding).
-    mqtt_addr: Option<SocketAddr>,
+    /// Where the listeners really listen (ports are known only after binding).
+    addrs: BoundAddrs,
     /// Tells every accept loop to stop (also when dropped).
     shutdown: watch::Sender<bool>,
     /// The accept loops, awaited on stop so that no listener outlives the node.
@@ -216,12 +326,27 @@ pub struct NodeHandle {
 impl NodeHandle {
     /// The address the MQTT TCP listener is bound to, or `None` if it is disabled.
     pub fn mqtt_addr(&self) -> Option<SocketAddr> {
-        self.mqtt_addr
+        self.addrs.tcp
     }
 
-    /// The address of the WebSocket listener: always `None` until it is implemented.
+    /// The address of the WebSocket listener, or `None` if it is disabled.
     pub fn ws_addr(&self) -> Option<SocketAddr> {
-        None
+        self.addrs.ws
+    }
+
+    /// The address of the MQTT-over-TLS listener, or `None` if it is disabled.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.addrs.tls
+    }
+
+    /// The address of the WebSocket-over-TLS listener, or `None` if it is disabled.
+    pub fn wss_addr(&self) -> Option<SocketAddr> {
+        self.addrs.wss
+    }
+
+    /// Every listener's address.
+    pub fn addrs(&self) -> BoundAddrs {
+        self.addrs
     }
 
     /// The node's storage.
