@@ -12,8 +12,12 @@
 //!   `log` records of actix and other crates.
 //! * [`node`]: [`Node`] starts a node inside an actix `System` and returns a
 //!   [`NodeHandle`] that stops it in an order that loses nothing.
-//! * `listener`: the accept loops (connection cap, back-off on accept errors) and the
-//!   round-robin hand-over of sockets to the IO arbiters.
+//! * `listener`: the accept loops (connection cap, back-off on accept errors), the
+//!   round-robin hand-over of sockets to the IO arbiters, and the per-transport
+//!   handshakes (tcp, ws, tls, wss) before `Gateway::accept`.
+//! * [`ws`]: the WebSocket upgrade and the adapter that makes a WebSocket the byte
+//!   stream the MQTT session reads and writes.
+//! * [`tls`]: rustls server configurations from PEM files (MQTTS, WSS, mutual TLS).
 //! * [`testing`]: [`testing::TestNode`], a node on its own thread for integration
 //!   tests that do not want to know about actix.
 //!
@@ -25,6 +29,8 @@ mod listener;
 pub mod logging;
 pub mod node;
 pub mod testing;
+pub mod tls;
+pub mod ws;
 
 pub use crate::config::Config;
-pub use crate::node::{Node, NodeBuilder, NodeError, NodeHandle};
+pub use crate::node::{BoundAddrs, Node, NodeBuilder, NodeError, NodeHandle};

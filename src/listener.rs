@@ -1,12 +1,20 @@
-//! Accepting connections: one accept loop per enabled listener, and the pool of IO
-//! arbiters that run the connections.
+//! Accepting connections: one accept loop per enabled listener (tcp, ws, tls, wss),
+//! and the pool of IO arbiters that run the connections.
 //!
 //! The accept loop runs on the node's own arbiter and does as little as it can: it
 //! takes a connection slot (or closes the socket when the listener is full), sets
 //! `TCP_NODELAY`, and hands a *std* socket to the next IO arbiter, round-robin. The
 //! arbiter re-registers the socket with its own IO driver (a tokio stream stays bound
-//! to the driver of the thread that created it) and gives it to the gateway, which
-//! starts the session actor there.
+//! to the driver of the thread that created it), runs the listener's handshakes there
+//! (TLS, then the WebSocket upgrade, as [`Transport`] says; both together bounded by
+//! `mqtt.connect_timeout_secs`), and gives the resulting byte stream to the gateway,
+//! which starts the session actor there. Every transport ends in the same
+//! `Gateway::accept`: one `MqttSession` and one codec for all of them.
+//!
+//! Back-pressure: a connection holds its listener's slot from accept to close,
+//! handshakes included, so `max_connections` bounds the connections *and* the
+//! handshakes in progress; a failed or timed-out handshake closes only that connection
+//! (logged with the peer address) and returns its slot.
 //!
 //! Accept errors (usually `EMFILE`: out of file descriptors) back off exponentially
 //! instead of spinning, and the loop resumes at full speed after the next success.
@@ -25,6 +33,11 @@ use slog::{debug, info, warn};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::tls::common_name;
+use crate::ws::{self, WsSettings};
 
 /// First pause after an accept error.
 const MIN_BACKOFF: Duration = Duration::from_millis(5);
@@ -54,10 +67,31 @@ impl IoArbiters {
     }
 }
 
+/// What a listener does with a connection before the MQTT session gets it.
+#[derive(Clone)]
+pub(crate) enum Transport {
+    /// Nothing: plain MQTT over TCP.
+    Tcp,
+    /// The WebSocket upgrade ([`crate::ws`]).
+    Ws(Arc<WsSettings>),
+    /// A TLS handshake; `cn` says whether to look at the client certificate's CN.
+    Tls { acceptor: TlsAcceptor, cn: bool },
+    /// A TLS handshake, then the WebSocket upgrade.
+    Wss {
+        acceptor: TlsAcceptor,
+        cn: bool,
+        ws: Arc<WsSettings>,
+    },
+}
+
 /// One bound listener and what its accept loop needs.
 pub(crate) struct Listener {
-    /// Names the listener in logs (`tcp`).
+    /// Names the listener in logs (`tcp`, `ws`, `tls`, `wss`).
     pub name: &'static str,
+    /// The handshakes of this listener.
+    pub transport: Transport,
+    /// How long the handshakes may take together (`mqtt.connect_timeout_secs`).
+    pub handshake_timeout: Duration,
     /// The bound socket; dropped when the loop ends, which stops new connections.
     pub listener: TcpListener,
     /// One permit per live connection, `max_connections` in all: the cap that keeps a
@@ -127,23 +161,106 @@ impl Listener {
         };
         let gateway = self.gateway.clone();
         let log = self.log.clone();
+        let transport = self.transport.clone();
+        let timeout = self.handshake_timeout;
         let spawned = self.io.pick().spawn(async move {
             // Runs on the IO arbiter's thread, so the stream joins that thread's driver
             // and the session actor starts on that arbiter.
-            match TcpStream::from_std(stream) {
-                Ok(stream) => gateway.accept(
-                    Limited {
-                        io: stream,
-                        _slot: slot,
-                    },
-                    peer,
-                ),
-                Err(e) => warn!(log, "cannot register socket"; "peer" => %peer, "error" => %e),
+            let stream = match TcpStream::from_std(stream) {
+                Ok(stream) => Limited {
+                    io: stream,
+                    _slot: slot,
+                },
+                Err(e) => {
+                    warn!(log, "cannot register socket"; "peer" => %peer, "error" => %e);
+                    return;
+                }
+            };
+            let handshake = serve(transport, stream, peer, gateway, log.clone());
+            if tokio::time::timeout(timeout, handshake).await.is_err() {
+                // Dropping the handshake future closes the connection and frees its slot.
+                warn!(log, "handshake timed out; connection closed";
+                    "peer" => %peer, "timeout_secs" => timeout.as_secs());
             }
         });
         if !spawned {
             debug!(self.log, "IO arbiter has stopped; connection dropped"; "peer" => %peer);
         }
+    }
+}
+
+/// Run `transport`'s handshakes on `stream` and hand the result to the gateway; on
+/// failure, log it with the peer address and drop (close) the connection.
+async fn serve(
+    transport: Transport,
+    stream: Limited<TcpStream>,
+    peer: SocketAddr,
+    gateway: Gateway,
+    log: slog::Logger,
+) {
+    match transport {
+        Transport::Tcp => gateway.accept(stream, peer),
+        Transport::Ws(settings) => match ws::accept(stream, &settings).await {
+            Ok(io) => gateway.accept(io, peer),
+            Err(e) => upgrade_failed(&log, peer, e),
+        },
+        Transport::Tls { acceptor, cn } => {
+            if let Some(tls) = tls_handshake(&acceptor, stream, peer, cn, &log).await {
+                gateway.accept(tls, peer);
+            }
+        }
+        Transport::Wss { acceptor, cn, ws } => {
+            let Some(tls) = tls_handshake(&acceptor, stream, peer, cn, &log).await else {
+                return;
+            };
+            match ws::accept(tls, &ws).await {
+                Ok(io) => gateway.accept(io, peer),
+                Err(e) => upgrade_failed(&log, peer, e),
+            }
+        }
+    }
+}
+
+/// The TLS handshake; `None` (logged) if it failed.
+async fn tls_handshake(
+    acceptor: &TlsAcceptor,
+    stream: Limited<TcpStream>,
+    peer: SocketAddr,
+    cn: bool,
+    log: &slog::Logger,
+) -> Option<TlsStream<Limited<TcpStream>>> {
+    match acceptor.accept(stream).await {
+        Ok(tls) => {
+            if cn {
+                // Not yet the username: the gateway has no authentication to hand it
+                // to (issue #6). Logged so that operators can see who connected.
+                let name = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(|cert| common_name(cert));
+                info!(log, "TLS client certificate"; "peer" => %peer,
+                    "cn" => name.as_deref().unwrap_or("(none)"));
+            }
+            Some(tls)
+        }
+        Err(e) => {
+            warn!(log, "TLS handshake failed; connection closed"; "peer" => %peer, "error" => %e);
+            None
+        }
+    }
+}
+
+fn upgrade_failed(log: &slog::Logger, peer: SocketAddr, e: ws::UpgradeError) {
+    match e {
+        // An HTTP client that got its answer: routine, not an alarm.
+        ws::UpgradeError::Refused { status, reason } => {
+            info!(log, "WebSocket upgrade refused"; "peer" => %peer, "status" => status,
+                "reason" => reason)
+        }
+        e => warn!(log, "WebSocket upgrade failed; connection closed";
+            "peer" => %peer, "error" => %e),
     }
 }
 

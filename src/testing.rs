@@ -22,12 +22,14 @@ use slog::{o, Drain};
 
 use crate::config::Config;
 use crate::logging::parse_level;
-use crate::node::Node;
+use crate::node::{BoundAddrs, Node};
 
 /// A node running on its own thread; stopped gracefully by [`TestNode::stop`] or drop.
 pub struct TestNode {
     /// Where the node's MQTT TCP listener is bound.
     mqtt_addr: SocketAddr,
+    /// Where every listener is bound.
+    addrs: BoundAddrs,
     /// Tells the node's thread to stop the node; `None` once sent.
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     /// The node's thread, joined on stop so that its files are closed afterwards.
@@ -35,8 +37,10 @@ pub struct TestNode {
 }
 
 impl TestNode {
-    /// Start a node whose data lives in `dir`, listening on `127.0.0.1:0` (TCP only,
-    /// two IO threads), after `tweak` has changed whatever the test needs.
+    /// Start a node whose data lives in `dir`, with two IO threads and every listener
+    /// bound to `127.0.0.1:0`: TCP and WebSocket enabled, TLS and WSS disabled (they
+    /// need certificate files: a tweak that sets `cert_file`/`key_file` and `enabled`
+    /// turns them on), after `tweak` has changed whatever the test needs.
     ///
     /// Panics if the node does not start: this is a test helper.
     pub fn start(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestNode {
@@ -46,10 +50,16 @@ impl TestNode {
         config.node.io_threads = 2;
         config.listener.tcp.enabled = true;
         config.listener.tcp.bind = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.listener.ws.enabled = false;
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.listener.ws.enabled = true;
+        config.listener.ws.bind = any;
+        config.listener.tls.enabled = false;
+        config.listener.tls.bind = any;
+        config.listener.wss.enabled = false;
+        config.listener.wss.bind = any;
         tweak(&mut config);
 
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<SocketAddr, String>>();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<BoundAddrs, String>>();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = thread::Builder::new()
             .name("actimq-test-node".into())
@@ -64,8 +74,8 @@ impl TestNode {
                         }
                     };
                     match node.mqtt_addr() {
-                        Some(addr) => {
-                            let _ = ready_tx.send(Ok(addr));
+                        Some(_) => {
+                            let _ = ready_tx.send(Ok(node.addrs()));
                             // Stop when told, or when the TestNode is gone.
                             let _ = stop_rx.await;
                         }
@@ -80,8 +90,9 @@ impl TestNode {
             .expect("spawn the test node's thread");
 
         match ready_rx.recv() {
-            Ok(Ok(mqtt_addr)) => TestNode {
-                mqtt_addr,
+            Ok(Ok(addrs)) => TestNode {
+                mqtt_addr: addrs.tcp.expect("checked by the node thread"),
+                addrs,
                 stop: Some(stop_tx),
                 thread: Some(thread),
             },
@@ -102,6 +113,30 @@ impl TestNode {
     /// The node's MQTT TCP address (127.0.0.1 and a free port).
     pub fn mqtt_addr(&self) -> SocketAddr {
         self.mqtt_addr
+    }
+
+    /// The WebSocket listener's address; panics if a tweak disabled it.
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.addrs.ws.expect("the WebSocket listener is enabled")
+    }
+
+    /// The MQTT-over-TLS listener's address; panics unless a tweak enabled it.
+    pub fn tls_addr(&self) -> SocketAddr {
+        self.addrs
+            .tls
+            .expect("the TLS listener is enabled (by the tweak)")
+    }
+
+    /// The WebSocket-over-TLS listener's address; panics unless a tweak enabled it.
+    pub fn wss_addr(&self) -> SocketAddr {
+        self.addrs
+            .wss
+            .expect("the WSS listener is enabled (by the tweak)")
+    }
+
+    /// Every listener's address (`None` for disabled ones).
+    pub fn addrs(&self) -> BoundAddrs {
+        self.addrs
     }
 
     /// Stop the node gracefully and wait until it has closed its files.
