@@ -385,7 +385,10 @@ pub struct LogSection {
 }
 
 /// The accepted values of `log.level`, most verbose first.
-pub const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warning", "error", "critical"];
+/// `warn` is accepted too, as most tools spell it.
+pub const LOG_LEVELS: [&str; 7] = [
+    "trace", "debug", "info", "warning", "warn", "error", "critical",
+];
 
 impl Default for Config {
     /// The built-in default ([`DEFAULT_TOML`]), without file or environment layers.

@@ -38,6 +38,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::tls::common_name;
 use crate::ws::{self, WsSettings};
+use actimq_actors::mqtt::ConnInfo;
 
 /// First pause after an accept error.
 const MIN_BACKOFF: Duration = Duration::from_millis(5);
@@ -205,45 +206,45 @@ async fn serve(
             Err(e) => upgrade_failed(&log, peer, e),
         },
         Transport::Tls { acceptor, cn } => {
-            if let Some(tls) = tls_handshake(&acceptor, stream, peer, cn, &log).await {
-                gateway.accept(tls, peer);
+            if let Some((tls, info)) = tls_handshake(&acceptor, stream, peer, cn, &log).await {
+                gateway.accept_with(tls, peer, info);
             }
         }
         Transport::Wss { acceptor, cn, ws } => {
-            let Some(tls) = tls_handshake(&acceptor, stream, peer, cn, &log).await else {
+            let Some((tls, info)) = tls_handshake(&acceptor, stream, peer, cn, &log).await else {
                 return;
             };
             match ws::accept(tls, &ws).await {
-                Ok(io) => gateway.accept(io, peer),
+                Ok(io) => gateway.accept_with(io, peer, info),
                 Err(e) => upgrade_failed(&log, peer, e),
             }
         }
     }
 }
 
-/// The TLS handshake; `None` (logged) if it failed.
+/// The TLS handshake; `None` (logged) if it failed. With `cn`, the verified client
+/// certificate's Common Name becomes the session's username.
 async fn tls_handshake(
     acceptor: &TlsAcceptor,
     stream: Limited<TcpStream>,
     peer: SocketAddr,
     cn: bool,
     log: &slog::Logger,
-) -> Option<TlsStream<Limited<TcpStream>>> {
+) -> Option<(TlsStream<Limited<TcpStream>>, ConnInfo)> {
     match acceptor.accept(stream).await {
         Ok(tls) => {
+            let mut info = ConnInfo::default();
             if cn {
-                // Not yet the username: the gateway has no authentication to hand it
-                // to (issue #6). Logged so that operators can see who connected.
-                let name = tls
+                info.cert_username = tls
                     .get_ref()
                     .1
                     .peer_certificates()
                     .and_then(|chain| chain.first())
                     .and_then(|cert| common_name(cert));
-                info!(log, "TLS client certificate"; "peer" => %peer,
-                    "cn" => name.as_deref().unwrap_or("(none)"));
+                debug!(log, "TLS client certificate"; "peer" => %peer,
+                    "cn" => info.cert_username.as_deref().unwrap_or("(none)"));
             }
-            Some(tls)
+            Some((tls, info))
         }
         Err(e) => {
             warn!(log, "TLS handshake failed; connection closed"; "peer" => %peer, "error" => %e);

@@ -35,7 +35,7 @@ pub fn parse_level(level: &str) -> Option<slog::Level> {
         "trace" => Some(slog::Level::Trace),
         "debug" => Some(slog::Level::Debug),
         "info" => Some(slog::Level::Info),
-        "warning" => Some(slog::Level::Warning),
+        "warning" | "warn" => Some(slog::Level::Warning),
         "error" => Some(slog::Level::Error),
         "critical" => Some(slog::Level::Critical),
         _ => None,

@@ -89,6 +89,15 @@ impl Default for MqttConfig {
     }
 }
 
+/// What the transport knows about a connection before MQTT starts.
+#[derive(Debug, Clone, Default)]
+pub struct ConnInfo {
+    /// The verified client certificate's Common Name, when its listener has
+    /// `cn_as_username`: it becomes the session's username, replacing any username in
+    /// CONNECT (as Mosquitto's `use_identity_as_username`).
+    pub cert_username: Option<String>,
+}
+
 /// A running MQTT gateway: the shared actors that every session talks to.
 /// Cheap to clone; hand a clone to each IO arbiter.
 #[derive(Clone)]
@@ -153,7 +162,15 @@ impl Gateway {
     where
         S: AsyncRead + AsyncWrite + Unpin + 'static,
     {
-        session::MqttSession::spawn(self.clone(), io, peer);
+        self.accept_with(io, peer, ConnInfo::default());
+    }
+
+    /// [`Gateway::accept`], with what the transport learnt about the client (TLS).
+    pub fn accept_with<S>(&self, io: S, peer: SocketAddr, info: ConnInfo)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        session::MqttSession::spawn(self.clone(), io, peer, info);
     }
 
     /// Number of live MQTT connections.

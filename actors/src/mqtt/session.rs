@@ -183,6 +183,11 @@ pub struct MqttSession {
     phase: Phase,
     proto: Proto,
     client_id: Arc<str>,
+    /// The authenticated name: the TLS certificate's CN (`cn_as_username`) or CONNECT's
+    /// username. Kept for authorization (ACL `%u`) and shown in the logs.
+    username: Option<Box<str>>,
+    /// Known from the transport before CONNECT (replaces CONNECT's username).
+    cert_username: Option<Box<str>>,
     keep_alive: Option<Duration>,
     last_seen: Instant,
     /// Boxed: most sessions have none, and inline it is a few hundred bytes.
@@ -222,7 +227,12 @@ pub struct MqttSession {
 
 impl MqttSession {
     /// Start a session for `io` on the current arbiter.
-    pub fn spawn<S>(gw: Gateway, io: S, peer: SocketAddr) -> Addr<MqttSession>
+    pub fn spawn<S>(
+        gw: Gateway,
+        io: S,
+        peer: SocketAddr,
+        info: super::ConnInfo,
+    ) -> Addr<MqttSession>
     where
         S: AsyncRead + AsyncWrite + Unpin + 'static,
     {
@@ -270,6 +280,8 @@ impl MqttSession {
                 phase: Phase::AwaitConnect,
                 proto: Proto::V3(4),
                 client_id: "".into(),
+                username: None,
+                cert_username: info.cert_username.map(Into::into),
                 keep_alive: None,
                 last_seen: Instant::now(),
                 will: None,
@@ -429,6 +441,10 @@ impl MqttSession {
         self.inflight
             .set_capacity((cfg.max_inflight as usize).min(c.receive_max as usize));
         self.will = c.will.map(Box::new);
+        self.username = self
+            .cert_username
+            .take()
+            .or_else(|| c.username.clone().map(Into::into));
         self.client_id = client_id.as_str().into();
         // One logger node per connection: rebuilt from the root rather than chained.
         let cid = self.client_id.clone();
@@ -478,7 +494,9 @@ impl MqttSession {
                 let _ = act.enc.connack(&ack, &mut act.out);
                 act.phase = Phase::Connected;
                 act.was_connected = true;
-                slog::debug!(act.log, "connected"; "proto" => act.proto.level(), "session_present" => state.is_some());
+                slog::debug!(act.log, "connected"; "proto" => act.proto.level(),
+                    "session_present" => state.is_some(),
+                    "username" => act.username.as_deref().unwrap_or(""));
                 if let Some(state) = state {
                     act.resume(state, ctx);
                 }
