@@ -964,11 +964,12 @@ impl MqttSession {
                     slog::error!(act.log, "append failed"; "error" => %e);
                     failed = true;
                 }
+                // v3 has no negative acknowledgement: nothing is sent for a failure,
+                // and the connection is closed below so the client resends.
+                let answer = ok || act.proto.is_v5();
                 match (qos, id) {
-                    (1, Some(id)) => {
-                        if ok || act.proto.is_v5() {
-                            let _ = act.enc.puback(id, if ok { 0 } else { 0x80 }, &mut act.out);
-                        }
+                    (1, Some(id)) if answer => {
+                        let _ = act.enc.puback(id, if ok { 0 } else { 0x80 }, &mut act.out);
                     }
                     (2, Some(id)) => {
                         act.extra().qos2_pending.remove(&id);

@@ -485,7 +485,7 @@ impl CommitLog {
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 for d in batch {
                     if let Some(tx) = d.tx {
-                        let _ = tx.send(if ok {
+                        tx.send(if ok {
                             Ok(d.position)
                         } else {
                             Err(StorageError::Closed)
@@ -502,7 +502,7 @@ impl CommitLog {
         self.attach_txs();
         for p in self.pending.drain(..) {
             if let Some(tx) = p.tx {
-                let _ = tx.send(Err(e.clone()));
+                tx.send(Err(e.clone()));
             }
         }
         self.pending_buf.clear();
@@ -517,7 +517,7 @@ impl CommitLog {
         self.inflight = self.inflight.saturating_sub(batch.len());
         for d in batch {
             if let Some(tx) = d.tx {
-                let _ = tx.send(Err(e.clone()));
+                tx.send(Err(e.clone()));
             }
         }
         self.fail_pending(&e);
