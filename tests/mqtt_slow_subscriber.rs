@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use actimq::testing::TestNode;
 
+#[allow(dead_code)]
+mod common;
+use common::{packet, put_str as str16};
+
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
@@ -20,32 +24,6 @@ fn rss_kib() -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
-}
-
-fn varint(out: &mut Vec<u8>, mut n: usize) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    varint(&mut out, body.len());
-    out.extend_from_slice(body);
-    out
-}
-
-fn str16(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
 }
 
 /// A v3.1.1 client on a blocking socket: CONNECT, wait for CONNACK, SUBSCRIBE.
