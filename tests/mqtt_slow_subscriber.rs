@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use actimq::testing::TestNode;
 
-#[allow(dead_code)]
 mod common;
 use common::{packet, put_str as str16};
 
