@@ -65,6 +65,10 @@ pub struct MqttConfig {
     pub subscription_shards: usize,
     /// Allow clients to connect with an empty client id (a server id is assigned).
     pub allow_empty_client_id: bool,
+    /// Partitions (queues) of every first-level topic (`service.partitions`): a
+    /// publisher's messages go to one of them by hash of its client id (or a service
+    /// producer's key), and consumer groups balance them among their members.
+    pub partitions: u32,
 }
 
 impl Default for MqttConfig {
@@ -85,6 +89,7 @@ impl Default for MqttConfig {
             max_retained: 1_000_000,
             subscription_shards: 4,
             allow_empty_client_id: true,
+            partitions: 4,
         }
     }
 }
@@ -129,7 +134,10 @@ impl Gateway {
     ) -> Result<Gateway, crate::storage::StorageError> {
         let route_epoch = Arc::new(AtomicU64::new(0));
         let shards: Vec<_> = (0..cfg.subscription_shards.max(1))
-            .map(|i| shard::SubscriptionShard::new(i, route_epoch.clone(), log.clone()).start())
+            .map(|i| {
+                shard::SubscriptionShard::new(i, cfg.partitions, route_epoch.clone(), log.clone())
+                    .start()
+            })
             .collect();
         let retain = retain::RetainStore::load(&storage, &cfg, log.clone())
             .await?
@@ -185,28 +193,73 @@ impl Gateway {
     }
 
     /// Publish a message from inside the node (wills, extensions): the same route,
-    /// retain and append steps as a device's PUBLISH.
+    /// retain and append steps as a device's PUBLISH. Its first-level partition is
+    /// chosen by the publisher's id.
     pub async fn publish(&self, message: Message) -> Result<Position, PublishError> {
-        let shards = &self.inner.shards;
-        let shard = &shards[shard::shard_of(topic::first_level(&message.topic), shards.len())];
-        let queues = shard
-            .send(shard::Route {
-                topics: vec![message.topic.clone()],
-            })
+        self.publish_batch(vec![(message, None)])
             .await
-            .map_err(|_| PublishError::Closed)?
             .pop()
-            .unwrap_or_default();
-        if message.retain && self.inner.cfg.retain_available {
-            self.inner
-                .retain
-                .send(retain::SetRetained {
-                    message: message.clone(),
-                })
-                .await
-                .map_err(|_| PublishError::Closed)??;
+            .unwrap_or(Err(PublishError::Closed))
+    }
+
+    /// Publish several messages in order (service producers): each is routed like a
+    /// device's PUBLISH, its first-level partition chosen by its key (or, without one,
+    /// its publisher), retained messages are set, and all are appended with one
+    /// `AppendBatch`. One result per message, in order, once the last is durable.
+    pub async fn publish_batch(
+        &self,
+        items: Vec<(Message, Option<String>)>,
+    ) -> Vec<Result<Position, PublishError>> {
+        let shards = &self.inner.shards;
+        let n = items.len();
+        let asks = items.iter().map(|(m, key)| {
+            let shard = &shards[shard::shard_of(topic::first_level(&m.topic), shards.len())];
+            shard.send(shard::Route {
+                topics: vec![m.topic.clone()],
+                key: key.as_deref().unwrap_or(&m.publisher).into(),
+            })
+        });
+        let routes = futures::future::join_all(asks).await;
+        let mut appends = Vec::with_capacity(n);
+        for ((message, _), route) in items.into_iter().zip(routes) {
+            let Ok(mut queues) = route else {
+                return (0..n).map(|_| Err(PublishError::Closed)).collect();
+            };
+            let queues = queues.pop().unwrap_or_default();
+            if message.retain && self.inner.cfg.retain_available {
+                let set = self
+                    .inner
+                    .retain
+                    .send(retain::SetRetained {
+                        message: message.clone(),
+                    })
+                    .await;
+                match set {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        let e = PublishError::from(e);
+                        let msg = e.to_string();
+                        return std::iter::once(Err(e))
+                            .chain((1..n).map(|_| Err(PublishError::Other(msg.clone()))))
+                            .collect();
+                    }
+                    Err(_) => return (0..n).map(|_| Err(PublishError::Closed)).collect(),
+                }
+            }
+            appends.push(crate::storage::Append { message, queues });
         }
-        Ok(self.inner.storage.append(message, queues).await?)
+        self.inner
+            .storage
+            .append_batch(appends)
+            .await
+            .into_iter()
+            .map(|r| r.map_err(PublishError::from))
+            .collect()
+    }
+
+    /// The node's storage.
+    pub fn storage(&self) -> &Storage {
+        &self.inner.storage
     }
 
     pub(crate) fn next_id(&self) -> u64 {
@@ -227,4 +280,6 @@ pub enum PublishError {
     Retain(#[from] retain::RetainError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error("not published: {0}")]
+    Other(String),
 }

@@ -867,6 +867,7 @@ impl MqttSession {
             .map(|(i, topics)| {
                 let req = self.gw.inner.shards[i].send(Route {
                     topics: topics.clone(),
+                    key: self.client_id.clone(),
                 });
                 async move { (topics, req.await) }
             })
@@ -899,7 +900,13 @@ impl MqttSession {
                 .routes
                 .get(&p.topic)
                 .map(|q| q.to_vec())
-                .unwrap_or_else(|| vec![QueueName::topic(first_level(&p.topic), 0)]);
+                .unwrap_or_else(|| {
+                    vec![crate::mqtt::shard::topic_queue(
+                        &p.topic,
+                        &self.client_id,
+                        self.cfg().partitions,
+                    )]
+                });
             let msg = Message {
                 topic: p.topic,
                 // The decoded payload is a view into this connection's read buffer;

@@ -82,12 +82,25 @@ pub struct RemoveRoute {
     pub kind: RouteKind,
 }
 
-/// The queues a message on each of `topics` goes to: the first-level topic queue and
-/// the queue of every matching filter (one member queue per shared group).
+/// The queues a message on each of `topics` goes to: one partition of the first-level
+/// topic queue (chosen by hashing `key`: the publisher's client id, or a service
+/// producer's key, so that one publisher's messages stay in order) and the queue of
+/// every matching filter (one member queue per shared group).
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "Vec<Vec<QueueName>>")]
 pub struct Route {
     pub topics: Vec<String>,
+    pub key: Arc<str>,
+}
+
+/// The partition of a first-level topic queue that messages keyed `key` go to.
+pub fn partition_of(key: &str, partitions: u32) -> u32 {
+    (QueueName(key.into()).hash64() % partitions.max(1) as u64) as u32
+}
+
+/// The first-level topic queue partition of a message on `topic` keyed `key`.
+pub fn topic_queue(topic: &str, key: &str, partitions: u32) -> QueueName {
+    QueueName::topic(first_level(topic), partition_of(key, partitions))
 }
 
 #[derive(Default)]
@@ -98,6 +111,8 @@ struct Group {
 
 pub struct SubscriptionShard {
     index: usize,
+    /// Partitions of every first-level topic queue (`service.partitions`).
+    partitions: u32,
     trie: FilterTrie<Target>,
     /// Owners of each filter queue; the trie entry goes when the last owner leaves.
     owners: HashMap<QueueName, HashSet<Arc<str>>>,
@@ -108,9 +123,10 @@ pub struct SubscriptionShard {
 }
 
 impl SubscriptionShard {
-    pub fn new(index: usize, epoch: Arc<AtomicU64>, log: slog::Logger) -> Self {
+    pub fn new(index: usize, partitions: u32, epoch: Arc<AtomicU64>, log: slog::Logger) -> Self {
         SubscriptionShard {
             index,
+            partitions: partitions.max(1),
             trie: FilterTrie::default(),
             owners: HashMap::new(),
             groups: HashMap::new(),
@@ -208,7 +224,7 @@ impl Handler<Route> for SubscriptionShard {
     fn handle(&mut self, m: Route, _: &mut Context<Self>) -> Self::Result {
         let mut out = Vec::with_capacity(m.topics.len());
         for topic in &m.topics {
-            let mut queues = vec![QueueName::topic(first_level(topic), 0)];
+            let mut queues = vec![topic_queue(topic, &m.key, self.partitions)];
             let mut groups: Vec<(Arc<str>, String)> = Vec::new();
             self.trie.for_each_match(topic, |t| match t {
                 Target::Queue(q) => {
@@ -247,7 +263,7 @@ mod tests {
     #[actix_rt::test]
     async fn routes_filters_and_groups() {
         let epoch = Arc::new(AtomicU64::new(0));
-        let s = SubscriptionShard::new(0, epoch.clone(), log()).start();
+        let s = SubscriptionShard::new(0, 1, epoch.clone(), log()).start();
         let a: Arc<str> = "a".into();
         let b: Arc<str> = "b".into();
         let q1 = s
@@ -280,6 +296,7 @@ mod tests {
         let r = s
             .send(Route {
                 topics: vec!["home/r1/temp".into(), "home/r1/temp".into(), "other".into()],
+                key: "a".into(),
             })
             .await
             .unwrap();
@@ -297,6 +314,7 @@ mod tests {
         let r = s
             .send(Route {
                 topics: vec!["home/r1/temp".into()],
+                key: "a".into(),
             })
             .await
             .unwrap();
@@ -314,6 +332,7 @@ mod tests {
         let r = s
             .send(Route {
                 topics: vec!["home/r1/temp".into()],
+                key: "a".into(),
             })
             .await
             .unwrap();
