@@ -8,11 +8,14 @@
 //! * [`mqtt`]: the MQTT gateway: one `MqttSession` per connection, the `ClientRegistry`
 //!   (client-id takeover, persistent sessions), the `SubscriptionShard`s (filter tries
 //!   that answer "which queues does this topic go to"), and the `RetainStore`.
+//! * [`service`]: the service gateway: one `ServerSession` per back-end connection
+//!   (produce, consumer groups, pull, commit, seek) and the `GroupCoordinator`.
 //!
 //! Pure logic (record format, topic matching, the filter trie, the in-flight window)
 //! lives in plain modules with unit tests; the actors stay thin.
 
 pub mod mqtt;
+pub mod service;
 pub mod storage;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
