@@ -16,6 +16,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use actimq_actors::mqtt::MqttConfig;
+use actimq_actors::service::protocol::HARD_MAX_FRAME;
+use actimq_actors::service::ServiceConfig;
 use actimq_actors::storage::record::HARD_MAX_RECORD_BYTES;
 use actimq_actors::storage::{FlushMode, StorageConfig};
 use serde::Deserialize;
@@ -62,6 +64,8 @@ pub struct Config {
     pub storage: StorageSection,
     /// The MQTT gateway's protocol limits.
     pub mqtt: MqttSection,
+    /// The service gateway (back-end producers and consumer groups).
+    pub service: ServiceSection,
     /// Where clients connect.
     pub listener: ListenerSection,
     /// What is logged.
@@ -188,6 +192,23 @@ pub struct MqttSection {
     pub allow_empty_client_id: bool,
 }
 
+/// `[service]`: the service gateway's limits and the partitioning of topics.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSection {
+    /// Queues per first-level topic: the unit of ordering (per publisher) and of
+    /// consumer-group parallelism.
+    pub partitions: u32,
+    /// Bounds the memory one service connection may use to buffer a frame.
+    pub max_frame_bytes: usize,
+    /// Bounds how long a Pull holds a request slot.
+    pub max_pull_wait_ms: u32,
+    /// Bounds the messages one Pull answers with.
+    pub max_pull_messages: u32,
+    /// Bounds the payload bytes one Pull answers with (at least one message).
+    pub max_pull_bytes: usize,
+}
+
 /// `[listener]`: the sockets clients connect to.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -200,6 +221,8 @@ pub struct ListenerSection {
     pub tls: TlsListenerSection,
     /// MQTT over WebSocket over TLS (`[listener.wss]`).
     pub wss: WssListenerSection,
+    /// The service protocol (`[listener.service]`), for back-end producers/consumers.
+    pub service: TcpListenerSection,
 }
 
 /// `[listener.tcp]`
@@ -523,6 +546,25 @@ impl Config {
         positive("listener.ws.max_connections", l.ws.max_connections as u64)?;
         positive("listener.tls.max_connections", l.tls.max_connections as u64)?;
         positive("listener.wss.max_connections", l.wss.max_connections as u64)?;
+        positive(
+            "listener.service.max_connections",
+            l.service.max_connections as u64,
+        )?;
+        let sv = &self.service;
+        if sv.partitions == 0 || sv.partitions > 1024 {
+            bad(
+                "service.partitions",
+                format!("{} is outside 1..=1024", sv.partitions),
+            )?;
+        }
+        if sv.max_frame_bytes < 1024 || sv.max_frame_bytes > HARD_MAX_FRAME {
+            bad(
+                "service.max_frame_bytes",
+                format!("{} is outside 1024..={HARD_MAX_FRAME}", sv.max_frame_bytes),
+            )?;
+        }
+        positive("service.max_pull_messages", sv.max_pull_messages as u64)?;
+        positive("service.max_pull_bytes", sv.max_pull_bytes as u64)?;
         for (key, path) in [
             ("listener.ws.path", &l.ws.path),
             ("listener.wss.path", &l.wss.path),
@@ -539,6 +581,7 @@ impl Config {
             ("listener.ws.bind", l.ws.enabled, l.ws.bind),
             ("listener.tls.bind", l.tls.enabled, l.tls.bind),
             ("listener.wss.bind", l.wss.enabled, l.wss.bind),
+            ("listener.service.bind", l.service.enabled, l.service.bind),
         ];
         for (i, (key, enabled, addr)) in binds.iter().enumerate() {
             if !enabled || addr.port() == 0 {
@@ -617,6 +660,18 @@ impl Config {
             max_retained: m.max_retained,
             subscription_shards: m.subscription_shards,
             allow_empty_client_id: m.allow_empty_client_id,
+            partitions: self.service.partitions,
+        }
+    }
+
+    /// The service gateway's settings.
+    pub fn service_config(&self) -> ServiceConfig {
+        let s = &self.service;
+        ServiceConfig {
+            max_frame_bytes: s.max_frame_bytes,
+            max_pull_wait_ms: s.max_pull_wait_ms,
+            max_pull_messages: s.max_pull_messages,
+            max_pull_bytes: s.max_pull_bytes,
         }
     }
 }
@@ -953,6 +1008,32 @@ mod tests {
             ("ACTIMQ__LISTENER__WS__BIND", "127.0.0.2:1883"),
         ])
         .unwrap();
+    }
+
+    #[test]
+    fn service_defaults_and_limits() {
+        let cfg = Config::default();
+        assert!(cfg.listener.service.enabled);
+        assert_eq!(cfg.listener.service.bind, "0.0.0.0:9883".parse().unwrap());
+        assert_eq!(cfg.service.partitions, 4);
+        assert_eq!(cfg.mqtt_config().partitions, 4);
+        assert_eq!(cfg.service_config().max_frame_bytes, 16 << 20);
+        for (key, val, needle) in [
+            ("ACTIMQ__SERVICE__PARTITIONS", "0", "service.partitions"),
+            (
+                "ACTIMQ__SERVICE__MAX_FRAME_BYTES",
+                "10",
+                "service.max_frame_bytes",
+            ),
+            (
+                "ACTIMQ__LISTENER__SERVICE__BIND",
+                "0.0.0.0:1883",
+                "listener.service.bind",
+            ),
+        ] {
+            let err = load_env(&[(key, val)]).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        }
     }
 
     #[test]

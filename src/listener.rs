@@ -1,4 +1,5 @@
-//! Accepting connections: one accept loop per enabled listener (tcp, ws, tls, wss),
+//! Accepting connections: one accept loop per enabled listener (tcp, ws, tls, wss,
+//! and the non-MQTT service listener),
 //! and the pool of IO arbiters that run the connections.
 //!
 //! The accept loop runs on the node's own arbiter and does as little as it can: it
@@ -28,6 +29,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actimq_actors::mqtt::Gateway;
+use actimq_actors::service::Service;
 use actix_rt::ArbiterHandle;
 use slog::{debug, info, warn};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -83,6 +85,8 @@ pub(crate) enum Transport {
         cn: bool,
         ws: Arc<WsSettings>,
     },
+    /// Not MQTT: the service protocol, served by a `ServerSession`.
+    Service,
 }
 
 /// One bound listener and what its accept loop needs.
@@ -102,6 +106,8 @@ pub(crate) struct Listener {
     pub io: Arc<IoArbiters>,
     /// Who serves a connection once it is on its arbiter.
     pub gateway: Gateway,
+    /// Who serves a service-protocol connection.
+    pub service: Service,
     /// The listener's logger.
     pub log: slog::Logger,
     /// Connections refused because the listener was full; logged at 1, 2, 4, 8, ...
@@ -161,6 +167,7 @@ impl Listener {
             }
         };
         let gateway = self.gateway.clone();
+        let service = self.service.clone();
         let log = self.log.clone();
         let transport = self.transport.clone();
         let timeout = self.handshake_timeout;
@@ -177,7 +184,7 @@ impl Listener {
                     return;
                 }
             };
-            let handshake = serve(transport, stream, peer, gateway, log.clone());
+            let handshake = serve(transport, stream, peer, gateway, service, log.clone());
             if tokio::time::timeout(timeout, handshake).await.is_err() {
                 // Dropping the handshake future closes the connection and frees its slot.
                 warn!(log, "handshake timed out; connection closed";
@@ -197,10 +204,12 @@ async fn serve(
     stream: Limited<TcpStream>,
     peer: SocketAddr,
     gateway: Gateway,
+    service: Service,
     log: slog::Logger,
 ) {
     match transport {
         Transport::Tcp => gateway.accept(stream, peer),
+        Transport::Service => service.accept(stream, peer),
         Transport::Ws(settings) => match ws::accept(stream, &settings).await {
             Ok(io) => gateway.accept(io, peer),
             Err(e) => upgrade_failed(&log, peer, e),

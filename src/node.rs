@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actimq_actors::mqtt::Gateway;
+use actimq_actors::service::Service;
 use actimq_actors::storage::{Storage, StorageError};
 use actix_rt::Arbiter;
 use slog::{info, o, warn};
@@ -95,6 +96,14 @@ fn plan_listeners(config: &Config) -> Result<Vec<ListenerPlan>, NodeError> {
             },
         });
     }
+    if l.service.enabled {
+        plans.push(ListenerPlan {
+            name: "service",
+            addr: l.service.bind,
+            max_connections: l.service.max_connections,
+            transport: Transport::Service,
+        });
+    }
     Ok(plans)
 }
 
@@ -138,6 +147,8 @@ pub struct BoundAddrs {
     pub tls: Option<SocketAddr>,
     /// `listener.wss`.
     pub wss: Option<SocketAddr>,
+    /// `listener.service`.
+    pub service: Option<SocketAddr>,
 }
 
 /// Why a node did not start.
@@ -165,7 +176,7 @@ pub enum NodeError {
     /// A listener could not bind its address (in use, or not ours).
     #[error("cannot listen on {addr} (listener.{listener}.bind): {source}")]
     Bind {
-        /// Which listener: `tcp`, `ws`, `tls` or `wss`.
+        /// Which listener: `tcp`, `ws`, `tls`, `wss` or `service`.
         listener: &'static str,
         /// The configured address.
         addr: SocketAddr,
@@ -256,6 +267,12 @@ impl NodeBuilder {
             }
         };
 
+        let service = Service::start(
+            config.service_config(),
+            gateway.clone(),
+            log.new(o!("part" => "service")),
+        );
+
         let arbiters: Vec<Arbiter> = (0..config.io_threads()).map(|_| Arbiter::new()).collect();
         let io = Arc::new(IoArbiters::new(
             arbiters.iter().map(|a| a.handle()).collect(),
@@ -274,6 +291,7 @@ impl NodeBuilder {
                 slots: Arc::new(Semaphore::new(plan.max_connections)),
                 io: io.clone(),
                 gateway: gateway.clone(),
+                service: service.clone(),
                 log: log.new(o!("listener" => plan.name)),
                 refused: 0,
             };
@@ -284,6 +302,7 @@ impl NodeBuilder {
                 "tcp" => &mut addrs.tcp,
                 "ws" => &mut addrs.ws,
                 "tls" => &mut addrs.tls,
+                "service" => &mut addrs.service,
                 _ => &mut addrs.wss,
             };
             *slot = Some(addr);
@@ -342,6 +361,11 @@ impl NodeHandle {
     /// The address of the WebSocket-over-TLS listener, or `None` if it is disabled.
     pub fn wss_addr(&self) -> Option<SocketAddr> {
         self.addrs.wss
+    }
+
+    /// The address of the service-protocol listener, or `None` if it is disabled.
+    pub fn service_addr(&self) -> Option<SocketAddr> {
+        self.addrs.service
     }
 
     /// Every listener's address.

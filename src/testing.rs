@@ -38,7 +38,7 @@ pub struct TestNode {
 
 impl TestNode {
     /// Start a node whose data lives in `dir`, with two IO threads and every listener
-    /// bound to `127.0.0.1:0`: TCP and WebSocket enabled, TLS and WSS disabled (they
+    /// bound to `127.0.0.1:0`: TCP, WebSocket and service enabled, TLS and WSS disabled (they
     /// need certificate files: a tweak that sets `cert_file`/`key_file` and `enabled`
     /// turns them on), after `tweak` has changed whatever the test needs.
     ///
@@ -57,6 +57,8 @@ impl TestNode {
         config.listener.tls.bind = any;
         config.listener.wss.enabled = false;
         config.listener.wss.bind = any;
+        config.listener.service.enabled = true;
+        config.listener.service.bind = any;
         tweak(&mut config);
 
         let (ready_tx, ready_rx) = mpsc::channel::<Result<BoundAddrs, String>>();
@@ -132,6 +134,11 @@ impl TestNode {
         self.addrs
             .wss
             .expect("the WSS listener is enabled (by the tweak)")
+    }
+
+    /// The service-protocol listener's address; panics if a tweak disabled it.
+    pub fn service_addr(&self) -> SocketAddr {
+        self.addrs.service.expect("the service listener is enabled")
     }
 
     /// Every listener's address (`None` for disabled ones).

@@ -107,6 +107,7 @@ impl NodeProcess {
             .env("ACTIMQ__NODE__IO_THREADS", "2")
             .env("ACTIMQ__LISTENER__TCP__BIND", "127.0.0.1:0")
             .env("ACTIMQ__LISTENER__WS__ENABLED", "false")
+            .env("ACTIMQ__LISTENER__SERVICE__ENABLED", "false")
             .env("ACTIMQ__LOG__LEVEL", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -255,21 +256,22 @@ fn stored_payloads(data_dir: &Path, first: &str) -> Vec<Vec<u8>> {
         let storage = Storage::open(cfg.storage_config(), log)
             .await
             .expect("reopen storage");
-        let pulled = storage
-            .pull(Pull {
-                queue: QueueName::topic(first, 0),
-                from: 0,
-                max: 100,
-                max_bytes: 1 << 20,
-            })
-            .await
-            .expect("pull");
+        // A publisher's messages are in one partition of the first-level topic.
+        let mut out = Vec::new();
+        for p in 0..cfg.service.partitions {
+            let pulled = storage
+                .pull(Pull {
+                    queue: QueueName::topic(first, p),
+                    from: 0,
+                    max: 100,
+                    max_bytes: 1 << 20,
+                })
+                .await
+                .expect("pull");
+            out.extend(pulled.messages.iter().map(|m| m.message.payload.to_vec()));
+        }
         storage.shutdown().await;
-        pulled
-            .messages
-            .iter()
-            .map(|m| m.message.payload.to_vec())
-            .collect()
+        out
     })
 }
 
