@@ -144,6 +144,8 @@ pub struct DecodeFailure {
     /// Set when a CONNECT of this version was refused while decoding (empty client id
     /// without clean start, MQTT-3.1.3-8): answer with a CONNACK, not just a close.
     pub refuse: Option<Proto>,
+    /// The socket failed (reset, ...): not the client's bytes.
+    pub io: bool,
 }
 
 impl From<DecodeError> for DecodeFailure {
@@ -158,6 +160,7 @@ impl From<DecodeError> for DecodeFailure {
             reason,
             message: e.to_string(),
             refuse: None,
+            io: false,
         }
     }
 }
@@ -168,6 +171,7 @@ impl From<std::io::Error> for DecodeFailure {
             reason: 0x80,
             message: e.to_string(),
             refuse: None,
+            io: true,
         }
     }
 }
@@ -240,6 +244,7 @@ fn no_body(bodiless: bool, remaining_length: u32) -> Result<(), DecodeFailure> {
             reason: 0x81,
             message: format!("remaining length {remaining_length} on a packet without a body"),
             refuse: None,
+            io: false,
         });
     }
     Ok(())
@@ -252,6 +257,7 @@ fn refusal(proto: Proto) -> impl Fn(DecodeError) -> DecodeFailure {
         let refuse = matches!(e, DecodeError::InvalidClientId).then_some(proto);
         DecodeFailure {
             refuse,
+            io: false,
             ..DecodeFailure::from(e)
         }
     }

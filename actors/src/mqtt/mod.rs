@@ -8,15 +8,20 @@
 //! * [`registry::ClientRegistry`] owns client-id takeover, persistent sessions,
 //!   session expiry and delayed wills.
 //! * [`retain::RetainStore`] keeps retained messages in the compacted KvStore.
+//! * [`hooks`] are the messages extension actors receive (authenticate, authorize,
+//!   intercept publishes, events); [`subscription::Subscription`] lets an extension
+//!   consume a filter with its own committed offsets.
 //! * [`session::MqttSession`] is the connection: protocol state, in-flight window,
 //!   per-queue read offsets; it pulls from storage on arrival hints.
 
 pub mod codec;
+pub mod hooks;
 pub mod inflight;
 pub mod registry;
 pub mod retain;
 pub mod session;
 pub mod shard;
+pub mod subscription;
 pub mod topic;
 pub mod trie;
 
@@ -121,6 +126,8 @@ pub(crate) struct GatewayInner {
     pub route_epoch: Arc<AtomicU64>,
     /// Source of unique watcher ids and server-assigned client ids.
     pub next_id: AtomicU64,
+    /// Extension hooks (empty unless registered on the node builder).
+    pub hooks: hooks::Hooks,
     pub log: slog::Logger,
 }
 
@@ -130,6 +137,16 @@ impl Gateway {
     pub async fn start(
         cfg: MqttConfig,
         storage: Storage,
+        log: slog::Logger,
+    ) -> Result<Gateway, crate::storage::StorageError> {
+        Gateway::start_with_hooks(cfg, storage, hooks::Hooks::default(), log).await
+    }
+
+    /// [`Gateway::start`] with extension hooks.
+    pub async fn start_with_hooks(
+        cfg: MqttConfig,
+        storage: Storage,
+        hooks: hooks::Hooks,
         log: slog::Logger,
     ) -> Result<Gateway, crate::storage::StorageError> {
         let route_epoch = Arc::new(AtomicU64::new(0));
@@ -152,6 +169,7 @@ impl Gateway {
                 retain,
                 route_epoch,
                 next_id: AtomicU64::new(1),
+                hooks,
                 log,
             }),
         };
@@ -210,6 +228,47 @@ impl Gateway {
         &self,
         items: Vec<(Message, Option<String>)>,
     ) -> Vec<Result<Position, PublishError>> {
+        if self.inner.hooks.has_on_publish() {
+            return self.publish_batch_hooked(items).await;
+        }
+        self.publish_batch_routed(items).await
+    }
+
+    /// [`Gateway::publish_batch`] through the `OnPublish` interceptors: dropped
+    /// messages answer [`PublishError::Dropped`].
+    async fn publish_batch_hooked(
+        &self,
+        items: Vec<(Message, Option<String>)>,
+    ) -> Vec<Result<Position, PublishError>> {
+        let max_levels = self.inner.cfg.max_topic_levels;
+        let mut kept = Vec::with_capacity(items.len());
+        let mut slots = Vec::with_capacity(items.len());
+        for (m, key) in items {
+            match self.inner.hooks.on_publish(m).await {
+                Some(m) if topic::validate_name(&m.topic, max_levels).is_ok() => {
+                    slots.push(true);
+                    kept.push((m, key));
+                }
+                _ => slots.push(false),
+            }
+        }
+        let mut results = self.publish_batch_routed(kept).await.into_iter();
+        slots
+            .into_iter()
+            .map(|k| match k {
+                true => results.next().unwrap_or(Err(PublishError::Closed)),
+                false => Err(PublishError::Dropped),
+            })
+            .collect()
+    }
+
+    async fn publish_batch_routed(
+        &self,
+        items: Vec<(Message, Option<String>)>,
+    ) -> Vec<Result<Position, PublishError>> {
+        if items.is_empty() {
+            return Vec::new();
+        }
         let shards = &self.inner.shards;
         let n = items.len();
         let asks = items.iter().map(|(m, key)| {
@@ -269,6 +328,11 @@ impl Gateway {
     pub fn config(&self) -> &MqttConfig {
         &self.inner.cfg
     }
+
+    /// The registered extension hooks.
+    pub fn hooks(&self) -> &hooks::Hooks {
+        &self.inner.hooks
+    }
 }
 
 /// Why a publish from inside the node failed.
@@ -280,6 +344,8 @@ pub enum PublishError {
     Retain(#[from] retain::RetainError),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error("dropped by an OnPublish hook")]
+    Dropped,
     #[error("not published: {0}")]
     Other(String),
 }

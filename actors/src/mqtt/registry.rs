@@ -201,6 +201,11 @@ impl ClientRegistry {
     /// The session of `client_id` has expired: forget it and stop routing for it.
     fn expire(&mut self, client_id: Arc<str>, ctx: &mut Context<Self>) {
         slog::info!(self.log, "session expired"; "client_id" => &*client_id);
+        if let Some(gw) = self.gateway.as_ref().filter(|g| g.inner.hooks.has_events()) {
+            gw.inner.hooks.emit(super::hooks::Event::SessionExpired {
+                client_id: client_id.to_string(),
+            });
+        }
         // A will still waiting for its delay was scheduled at min(delay, expiry), so it
         // fires now by itself; nothing to do for it here.
         let storage = self.storage.clone();

@@ -38,6 +38,7 @@ use super::codec::{
     ConnAck, Connect, DecodeFailure, Encoder, Inbound, MqttDecoder, OutPublish, Proto, Publish,
     SubOpts, Will,
 };
+use super::hooks::{Action, AuthDecision, Authenticate, Authorize, DisconnectReason, Event};
 use super::inflight::{Inflight, InflightEntry};
 use super::registry::{self, qos2_key, session_key, Register, SessionState, SubState, Unregister};
 use super::retain::{expiry_left, MatchRetained, SetRetained};
@@ -223,6 +224,16 @@ pub struct MqttSession {
     /// Closes the connection if CONNECT does not come in time; cancelled on CONNECT.
     connect_timer: Option<SpawnHandle>,
     ticks: u32,
+    /// Why the connection ends (for the `ClientDisconnected` event).
+    end: DisconnectReason,
+}
+
+/// What `register` needs from CONNECT once the hooks have admitted the client.
+struct Admit {
+    clean_start: bool,
+    assigned: Option<String>,
+    server_ka: Option<u16>,
+    capped: Option<u32>,
 }
 
 impl MqttSession {
@@ -303,6 +314,7 @@ impl MqttSession {
                 was_connected: false,
                 connect_timer: None,
                 ticks: 0,
+                end: DisconnectReason::Abnormal,
             }
         })
     }
@@ -387,6 +399,7 @@ impl MqttSession {
     }
 
     fn protocol_error(&mut self, code: u8, what: &str, ctx: &mut Context<Self>) {
+        self.end = DisconnectReason::ProtocolError;
         slog::info!(self.log, "protocol violation; closing"; "what" => what, "reason" => code);
         self.close_with(Some(code), Some(what), true, ctx);
     }
@@ -441,9 +454,9 @@ impl MqttSession {
         self.inflight
             .set_capacity((cfg.max_inflight as usize).min(c.receive_max as usize));
         self.will = c.will.map(Box::new);
-        self.username = self
-            .cert_username
-            .take()
+        let cert_username = self.cert_username.take();
+        self.username = cert_username
+            .clone()
             .or_else(|| c.username.clone().map(Into::into));
         self.client_id = client_id.as_str().into();
         // One logger node per connection: rebuilt from the root rather than chained.
@@ -455,16 +468,81 @@ impl MqttSession {
             "client_id" => slog::FnValue(move |_: &slog::Record| cid.to_string())
         ));
         self.phase = Phase::Registering;
+        let admit = Admit {
+            clean_start: c.clean_start,
+            assigned,
+            server_ka,
+            capped: (c.proto.is_v5() && asked != self.session_expiry)
+                .then_some(self.session_expiry),
+        };
+        let hooks = &self.gw.inner.hooks;
+        let ask = hooks.has_authenticate() || (hooks.has_authorize() && self.will.is_some());
+        if !ask {
+            return self.register(admit, ctx);
+        }
+        // Ask the hooks in a spawned future: only this client waits for them.
+        let hooks = hooks.clone();
+        let auth = hooks.has_authenticate().then(|| Authenticate {
+            client_id: client_id.clone(),
+            username: c.username.clone(),
+            password: c.password.clone(),
+            peer: self.peer,
+            cert_username: cert_username.map(String::from),
+            protocol: c.proto.level(),
+        });
+        let will_auth = match (&self.will, hooks.has_authorize()) {
+            (Some(w), true) => Some(Authorize {
+                client_id,
+                username: self.username.as_deref().map(String::from),
+                action: Action::Publish {
+                    topic: w.topic.clone(),
+                    qos: w.qos,
+                    retain: w.retain,
+                },
+            }),
+            _ => None,
+        };
+        let fut = async move {
+            if let Some(a) = auth {
+                if let AuthDecision::Deny(code) = hooks.authenticate(a).await {
+                    // A success code is no refusal: make it Not authorized.
+                    return Some(if code < 0x80 { 0x87 } else { code });
+                }
+            }
+            if let Some(w) = will_auth {
+                if !hooks.authorize(w).await {
+                    return Some(0x87);
+                }
+            }
+            None
+        };
+        ctx.spawn(fut.into_actor(self).map(move |denied, act, ctx| {
+            if act.phase != Phase::Registering {
+                return;
+            }
+            match denied {
+                Some(code) => act.refuse(code, ctx),
+                None => act.register(admit, ctx),
+            }
+        }));
+    }
 
+    /// Register the client id (taking over a live session) and answer CONNACK.
+    fn register(&mut self, admit: Admit, ctx: &mut Context<Self>) {
+        let Admit {
+            clean_start,
+            assigned,
+            server_ka,
+            capped,
+        } = admit;
+        let cfg = self.cfg().clone();
         let reg = Register {
             client_id: self.client_id.clone(),
             conn_id: self.conn_id,
             addr: ctx.address(),
-            clean_start: c.clean_start,
+            clean_start,
             persistent: self.session_expiry > 0,
         };
-        let capped =
-            (c.proto.is_v5() && asked != self.session_expiry).then_some(self.session_expiry);
         let reg = self
             .gw
             .inner
@@ -497,6 +575,15 @@ impl MqttSession {
                 slog::debug!(act.log, "connected"; "proto" => act.proto.level(),
                     "session_present" => state.is_some(),
                     "username" => act.username.as_deref().unwrap_or(""));
+                if act.gw.inner.hooks.has_events() {
+                    act.gw.inner.hooks.emit(Event::ClientConnected {
+                        client_id: act.client_id.to_string(),
+                        username: act.username.as_deref().map(String::from),
+                        peer: act.peer,
+                        protocol: act.proto.level(),
+                        session_present: state.is_some(),
+                    });
+                }
                 if let Some(state) = state {
                     act.resume(state, ctx);
                 }
@@ -699,6 +786,7 @@ impl MqttSession {
                 }
                 // MQTT-3.14.4-3: a normal DISCONNECT discards the will; v5 0x04 keeps it.
                 let will = reason == 0x04;
+                self.end = DisconnectReason::Normal;
                 self.close_after_pipeline(will, ctx);
             }
             Inbound::Auth => self.protocol_error(0x82, "AUTH without authentication method", ctx),
@@ -845,6 +933,80 @@ impl MqttSession {
 
     /// Route, retain and append a batch of publishes, then acknowledge them in order.
     fn publish_batch(&mut self, batch: Vec<Publish>, ctx: &mut Context<Self>) {
+        let hooks = &self.gw.inner.hooks;
+        if hooks.has_authorize() || hooks.has_on_publish() {
+            return self.hook_batch(batch, ctx);
+        }
+        self.route_batch(batch, Vec::new(), ctx)
+    }
+
+    /// Ask the authorization hooks and the publish interceptors about each message of
+    /// `batch` (in a spawned future), then route what they let through. A refused
+    /// message is acknowledged with 0x87 (v5) or acknowledged and dropped (v3); one an
+    /// interceptor drops is acknowledged.
+    fn hook_batch(&mut self, mut batch: Vec<Publish>, ctx: &mut Context<Self>) {
+        let hooks = self.gw.inner.hooks.clone();
+        let client_id = self.client_id.to_string();
+        let username = self.username.as_deref().map(String::from);
+        let deny_code = if self.proto.is_v5() { 0x87 } else { 0 };
+        let max_levels = self.cfg().max_topic_levels;
+        let fut = async move {
+            let mut verdicts = Vec::with_capacity(batch.len());
+            for p in &mut batch {
+                if hooks.has_authorize() {
+                    let ask = Authorize {
+                        client_id: client_id.clone(),
+                        username: username.clone(),
+                        action: Action::Publish {
+                            topic: p.topic.clone(),
+                            qos: p.qos,
+                            retain: p.retain,
+                        },
+                    };
+                    if !hooks.authorize(ask).await {
+                        verdicts.push(Some(deny_code));
+                        continue;
+                    }
+                }
+                if hooks.has_on_publish() {
+                    let msg = Message {
+                        topic: std::mem::take(&mut p.topic),
+                        payload: p.payload.clone(),
+                        qos: p.qos,
+                        retain: p.retain,
+                        publisher: client_id.clone(),
+                        timestamp_ms: crate::now_ms(),
+                        props: std::mem::take(&mut p.props),
+                    };
+                    match hooks.on_publish(msg).await {
+                        Some(m) if topic::validate_name(&m.topic, max_levels).is_ok() => {
+                            p.topic = m.topic;
+                            p.payload = m.payload;
+                            p.props = m.props;
+                        }
+                        _ => {
+                            verdicts.push(Some(0));
+                            continue;
+                        }
+                    }
+                }
+                verdicts.push(None);
+            }
+            (batch, verdicts)
+        };
+        ctx.spawn(
+            fut.into_actor(self)
+                .map(|(batch, verdicts), act, ctx| act.route_batch(batch, verdicts, ctx)),
+        );
+    }
+
+    /// Route `batch` (all but the messages with a verdict) and append it.
+    fn route_batch(
+        &mut self,
+        batch: Vec<Publish>,
+        verdicts: Vec<Option<u8>>,
+        ctx: &mut Context<Self>,
+    ) {
         let epoch = self.gw.inner.route_epoch.load(Ordering::Acquire);
         if epoch != self.extra().routes_epoch || self.extra().routes.len() > MAX_ROUTE_CACHE {
             self.extra().routes.clear();
@@ -852,7 +1014,10 @@ impl MqttSession {
         }
         let nshards = self.gw.inner.shards.len();
         let mut misses: Vec<Vec<String>> = vec![Vec::new(); nshards];
-        for p in &batch {
+        for (i, p) in batch.iter().enumerate() {
+            if verdicts.get(i).copied().flatten().is_some() {
+                continue;
+            }
             if !self.extra().routes.contains_key(&p.topic) {
                 let list = &mut misses[shard_of(first_level(&p.topic), nshards)];
                 if !list.contains(&p.topic) {
@@ -884,17 +1049,28 @@ impl MqttSession {
                     Err(_) => return act.close(Some(0x80), true, ctx),
                 }
             }
-            act.append_batch(batch, ctx);
+            act.append_batch(batch, verdicts, ctx);
         }));
     }
 
-    fn append_batch(&mut self, batch: Vec<Publish>, ctx: &mut Context<Self>) {
+    /// Append `batch`; a message with a verdict (`Some(reason)`) is not stored, only
+    /// acknowledged with that reason.
+    fn append_batch(
+        &mut self,
+        batch: Vec<Publish>,
+        verdicts: Vec<Option<u8>>,
+        ctx: &mut Context<Self>,
+    ) {
         let now = crate::now_ms();
         let retain_ok = self.cfg().retain_available;
         let mut retained = Vec::new();
         let mut appends = Vec::with_capacity(batch.len());
         let mut acks = Vec::with_capacity(batch.len());
-        for p in batch {
+        for (i, p) in batch.into_iter().enumerate() {
+            if let Some(code) = verdicts.get(i).copied().flatten() {
+                acks.push((p.qos, p.packet_id, Some(code)));
+                continue;
+            }
             let queues: Vec<QueueName> = self
                 .extra()
                 .routes
@@ -923,7 +1099,7 @@ impl MqttSession {
                     message: msg.clone(),
                 });
             }
-            acks.push((msg.qos, p.packet_id));
+            acks.push((msg.qos, p.packet_id, None));
             appends.push(Append {
                 message: msg,
                 queues,
@@ -934,8 +1110,8 @@ impl MqttSession {
         let kv = storage.kv.clone();
         let qos2_keys: Vec<String> = if self.session_expiry > 0 {
             acks.iter()
-                .filter(|(q, _)| *q == 2)
-                .filter_map(|(_, id)| id.map(|id| qos2_key(&self.client_id, id)))
+                .filter(|(q, _, verdict)| *q == 2 && verdict.is_none())
+                .filter_map(|(_, id, _)| id.map(|id| qos2_key(&self.client_id, id)))
                 .collect()
         } else {
             Vec::new()
@@ -962,21 +1138,32 @@ impl MqttSession {
         };
         ctx.spawn(fut.into_actor(self).map(move |results, act, ctx| {
             act.permits.add_permits(acks.len());
-            let acked = acks.iter().filter(|(q, _)| *q > 0).count();
+            let acked = acks.iter().filter(|(q, _, _)| *q > 0).count();
             act.unacked_in = act.unacked_in.saturating_sub(acked);
             let mut failed = false;
-            for ((qos, id), res) in acks.into_iter().zip(results) {
-                let ok = res.is_ok();
-                if let Err(e) = &res {
-                    slog::error!(act.log, "append failed"; "error" => %e);
-                    failed = true;
-                }
+            let mut results = results.into_iter();
+            for (qos, id, verdict) in acks {
+                let (ok, code) = match verdict {
+                    Some(code) => (code < 0x80, code),
+                    None => match results.next() {
+                        Some(Ok(_)) => (true, 0),
+                        Some(Err(e)) => {
+                            slog::error!(act.log, "append failed"; "error" => %e);
+                            failed = true;
+                            (false, 0x80)
+                        }
+                        None => {
+                            failed = true;
+                            (false, 0x80)
+                        }
+                    },
+                };
                 // v3 has no negative acknowledgement: nothing is sent for a failure,
                 // and the connection is closed below so the client resends.
                 let answer = ok || act.proto.is_v5();
                 match (qos, id) {
                     (1, Some(id)) if answer => {
-                        let _ = act.enc.puback(id, if ok { 0 } else { 0x80 }, &mut act.out);
+                        let _ = act.enc.puback(id, code, &mut act.out);
                     }
                     (2, Some(id)) => {
                         act.extra().qos2_pending.remove(&id);
@@ -984,7 +1171,7 @@ impl MqttSession {
                             act.qos2_in.insert(id);
                         }
                         if ok || act.proto.is_v5() {
-                            let _ = act.enc.pubrec(id, if ok { 0 } else { 0x80 }, &mut act.out);
+                            let _ = act.enc.pubrec(id, code, &mut act.out);
                         }
                     }
                     _ => {}
@@ -1007,13 +1194,57 @@ impl MqttSession {
         filters: Vec<(String, SubOpts)>,
         ctx: &mut Context<Self>,
     ) {
+        if !self.gw.inner.hooks.has_authorize() {
+            return self.subscribe_checked(packet_id, sub_id, filters, Vec::new(), ctx);
+        }
+        // Ask the authorization hooks in a spawned future: only this client waits.
+        let hooks = self.gw.inner.hooks.clone();
+        let client_id = self.client_id.to_string();
+        let username = self.username.as_deref().map(String::from);
+        let asks: Vec<Authorize> = filters
+            .iter()
+            .map(|(raw, opts)| Authorize {
+                client_id: client_id.clone(),
+                username: username.clone(),
+                action: Action::Subscribe {
+                    filter: raw.clone(),
+                    qos: opts.qos,
+                },
+            })
+            .collect();
+        let fut = async move {
+            let mut denied = Vec::with_capacity(asks.len());
+            for a in asks {
+                denied.push(!hooks.authorize(a).await);
+            }
+            denied
+        };
+        ctx.spawn(fut.into_actor(self).map(move |denied, act, ctx| {
+            act.subscribe_checked(packet_id, sub_id, filters, denied, ctx)
+        }));
+    }
+
+    /// SUBSCRIBE, with the filters the hooks refused (`denied[i]`) answered 0x87 (v5)
+    /// or 0x80 (v3).
+    fn subscribe_checked(
+        &mut self,
+        packet_id: u16,
+        sub_id: Option<u32>,
+        filters: Vec<(String, SubOpts)>,
+        denied: Vec<bool>,
+        ctx: &mut Context<Self>,
+    ) {
         let max_levels = self.cfg().max_topic_levels;
         let nshards = self.gw.inner.shards.len();
         let v5 = self.proto.is_v5();
         let mut codes = Vec::with_capacity(filters.len());
         // (raw, filter, group, opts, is_new)
         let mut plans = Vec::new();
-        for (raw, opts) in filters {
+        for (i, (raw, opts)) in filters.into_iter().enumerate() {
+            if denied.get(i).copied().unwrap_or(false) {
+                codes.push(if v5 { 0x87 } else { 0x80 });
+                continue;
+            }
             match parse_filter(&raw, max_levels) {
                 Err(_) => codes.push(if v5 { 0x8F } else { 0x80 }),
                 Ok(pf) => {
@@ -1106,6 +1337,13 @@ impl MqttSession {
                     }
                     continue;
                 };
+                if act.gw.inner.hooks.has_events() {
+                    act.gw.inner.hooks.emit(Event::Subscribed {
+                        client_id: act.client_id.to_string(),
+                        filter: raw.clone(),
+                        qos: opts.qos,
+                    });
+                }
                 let sub_ids: Vec<u32> = sub_id.into_iter().collect();
                 for m in retained {
                     retained_out.push((m, opts.qos, sub_ids.clone()));
@@ -1169,6 +1407,12 @@ impl MqttSession {
                     self.unwatch(&sub.queue);
                     registry::remove_routes(&self.gw, &self.client_id, &[sub.state]);
                     codes.push(0x00);
+                    if self.gw.inner.hooks.has_events() {
+                        self.gw.inner.hooks.emit(Event::Unsubscribed {
+                            client_id: self.client_id.to_string(),
+                            filter: raw,
+                        });
+                    }
                 }
                 // v5 0x11: No subscription existed.
                 None => codes.push(0x11),
@@ -1244,6 +1488,12 @@ impl MqttSession {
     fn on_ack(&mut self, packet_id: u16, ctx: &mut Context<Self>) {
         if self.inflight.remove(packet_id).is_some() {
             self.dirty = true;
+            if self.gw.inner.hooks.has_events() {
+                self.gw.inner.hooks.emit(Event::MessageAcked {
+                    client_id: self.client_id.to_string(),
+                    packet_id,
+                });
+            }
             if self.window_blocked
                 || self
                     .extra
@@ -1310,6 +1560,13 @@ impl MqttSession {
                 retain,
                 sub_ids: sub_ids.to_vec(),
                 released: false,
+            });
+        }
+        if self.gw.inner.hooks.has_events() {
+            self.gw.inner.hooks.emit(Event::MessageDelivered {
+                client_id: self.client_id.to_string(),
+                topic: msg.topic.clone(),
+                qos,
             });
         }
         Delivery::Sent
@@ -1467,6 +1724,7 @@ impl MqttSession {
         if let Some(ka) = self.keep_alive {
             if self.phase == Phase::Connected && self.last_seen.elapsed() > ka {
                 slog::info!(self.log, "keep-alive timeout");
+                self.end = DisconnectReason::KeepAliveTimeout;
                 // v5 0x8D Keep Alive timeout; the will is published.
                 return self.close(Some(0x8D), true, ctx);
             }
@@ -1517,6 +1775,12 @@ impl Actor for MqttSession {
         }
         for q in self.by_queue.keys() {
             self.unwatch(q);
+        }
+        if self.was_connected && self.gw.inner.hooks.has_events() {
+            self.gw.inner.hooks.emit(Event::ClientDisconnected {
+                client_id: self.client_id.to_string(),
+                reason: self.end,
+            });
         }
         if self.client_id.is_empty() || self.handed_off {
             return;
@@ -1582,6 +1846,11 @@ impl Handler<ReadEnded> for MqttSession {
                     return self.refuse(0x85, ctx);
                 }
                 slog::info!(self.log, "bad input; closing"; "error" => &e.message, "reason" => e.reason);
+                self.end = if e.io {
+                    DisconnectReason::Abnormal
+                } else {
+                    DisconnectReason::ProtocolError
+                };
                 self.close_with(Some(e.reason), Some(&e.message), true, ctx);
             }
         }
@@ -1618,6 +1887,7 @@ impl Handler<Takeover> for MqttSession {
     fn handle(&mut self, m: Takeover, ctx: &mut Context<Self>) -> Self::Result {
         // MQTT-3.1.4-2 / v5 0x8E Session taken over.
         self.handed_off = true;
+        self.end = DisconnectReason::TakenOver;
         // A session with expiry 0 ends with its connection (v5 §3.1.2.11.2; v3 clean
         // session): the new connection starts afresh.
         let state = if self.session_expiry > 0 && self.was_connected {
@@ -1653,6 +1923,7 @@ impl Handler<ServerShutdown> for MqttSession {
         let state =
             (self.session_expiry > 0 && !self.client_id.is_empty()).then(|| self.snapshot());
         self.handed_off = true;
+        self.end = DisconnectReason::ServerShutdown;
         // v5 0x8B Server shutting down.
         self.close(Some(0x8B), false, ctx);
         MessageResult(state)
