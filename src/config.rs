@@ -70,6 +70,39 @@ pub struct Config {
     pub listener: ListenerSection,
     /// What is logged.
     pub log: LogSection,
+    /// Extension hooks: their deadline and failure policy.
+    pub hooks: HooksSection,
+}
+
+/// `[hooks]`: how the gateway calls the hooks registered on `NodeBuilder`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HooksSection {
+    /// Deadline of one hook call, so a stuck extension cannot hold a client forever.
+    pub timeout_ms: u64,
+    /// What a hook that timed out or whose actor is gone decides.
+    pub on_failure: OnFailure,
+}
+
+/// `hooks.on_failure`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Refuse the CONNECT, PUBLISH or SUBSCRIBE (and drop an intercepted message).
+    Deny,
+    /// Skip the failed hook, as if it had no opinion.
+    Allow,
+}
+
+impl<'de> Deserialize<'de> for OnFailure {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<OnFailure, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "deny" => Ok(OnFailure::Deny),
+            "allow" => Ok(OnFailure::Allow),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?} is not a failure policy (\"deny\" or \"allow\")"
+            ))),
+        }
+    }
 }
 
 /// `[node]`
@@ -475,6 +508,7 @@ impl Config {
         if self.node.name.trim().is_empty() {
             bad("node.name", "must not be empty")?;
         }
+        positive("hooks.timeout_ms", self.hooks.timeout_ms)?;
         if self.node.data_dir.as_os_str().is_empty() {
             bad("node.data_dir", "must not be empty")?;
         }
@@ -661,6 +695,18 @@ impl Config {
             subscription_shards: m.subscription_shards,
             allow_empty_client_id: m.allow_empty_client_id,
             partitions: self.service.partitions,
+        }
+    }
+
+    /// The hooks' deadline and failure policy.
+    pub fn hooks_config(&self) -> actimq_actors::mqtt::hooks::HooksConfig {
+        use actimq_actors::mqtt::hooks::{FailurePolicy, HooksConfig};
+        HooksConfig {
+            timeout: std::time::Duration::from_millis(self.hooks.timeout_ms),
+            on_failure: match self.hooks.on_failure {
+                OnFailure::Deny => FailurePolicy::Deny,
+                OnFailure::Allow => FailurePolicy::Allow,
+            },
         }
     }
 

@@ -11,7 +11,8 @@
 //! * [`logging`]: the slog root logger (async, to stderr) that also receives the
 //!   `log` records of actix and other crates.
 //! * [`node`]: [`Node`] starts a node inside an actix `System` and returns a
-//!   [`NodeHandle`] that stops it in an order that loses nothing.
+//!   [`NodeHandle`] that stops it in an order that loses nothing; [`NodeBuilder`]
+//!   registers extension hooks (actors; see README "Extending actimq").
 //! * `listener`: the accept loops (connection cap, back-off on accept errors), the
 //!   round-robin hand-over of sockets to the IO arbiters, and the per-transport
 //!   handshakes (tcp, ws, tls, wss) before `Gateway::accept`.

@@ -20,9 +20,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actimq_actors::mqtt::hooks::{Authenticate, Authorize, Event, Hooks, HooksBuilder, OnPublish};
 use actimq_actors::mqtt::Gateway;
 use actimq_actors::service::Service;
 use actimq_actors::storage::{Storage, StorageError};
+use actix::Recipient;
 use actix_rt::Arbiter;
 use slog::{info, o, warn};
 use tokio::net::TcpListener;
@@ -196,7 +198,7 @@ pub enum NodeError {
     Gateway(StorageError),
 }
 
-/// Starts nodes. Extension points (hooks) will be registered on [`NodeBuilder`].
+/// Starts nodes. Extension points (hooks) are registered on [`NodeBuilder`].
 pub struct Node;
 
 impl Node {
@@ -209,7 +211,11 @@ impl Node {
 
     /// A builder, for settings beyond the config file.
     pub fn builder(config: Config) -> NodeBuilder {
-        NodeBuilder { config, log: None }
+        NodeBuilder {
+            config,
+            log: None,
+            hooks: Hooks::builder(),
+        }
     }
 }
 
@@ -219,6 +225,8 @@ pub struct NodeBuilder {
     config: Config,
     /// Where it logs; `None` discards logs (handy in embedders that do not care).
     log: Option<slog::Logger>,
+    /// Extension hooks, in registration order.
+    hooks: HooksBuilder,
 }
 
 impl NodeBuilder {
@@ -228,9 +236,35 @@ impl NodeBuilder {
         self
     }
 
+    /// Ask `hook` on every CONNECT, before the client is registered (see
+    /// `actimq_actors::mqtt::hooks`). Hooks of one kind run in registration order.
+    pub fn authenticate(mut self, hook: Recipient<Authenticate>) -> NodeBuilder {
+        self.hooks = self.hooks.authenticate(hook);
+        self
+    }
+
+    /// Ask `hook` about every PUBLISH (and will) and every SUBSCRIBE filter.
+    pub fn authorize(mut self, hook: Recipient<Authorize>) -> NodeBuilder {
+        self.hooks = self.hooks.authorize(hook);
+        self
+    }
+
+    /// Let `hook` change or drop every message before it is stored.
+    pub fn on_publish(mut self, hook: Recipient<OnPublish>) -> NodeBuilder {
+        self.hooks = self.hooks.on_publish(hook);
+        self
+    }
+
+    /// Tell `hook` about connections, subscriptions, deliveries and expiries
+    /// (fire-and-forget: dropped when its mailbox is full).
+    pub fn events(mut self, hook: Recipient<Event>) -> NodeBuilder {
+        self.hooks = self.hooks.events(hook);
+        self
+    }
+
     /// Start the node; see [`Node::start`].
     pub async fn start(self) -> Result<NodeHandle, NodeError> {
-        let NodeBuilder { config, log } = self;
+        let NodeBuilder { config, log, hooks } = self;
         let log = log.unwrap_or_else(|| slog::Logger::root(slog::Discard, o!()));
         config.validate()?;
 
@@ -253,9 +287,11 @@ impl NodeBuilder {
                 dir: dir.clone(),
                 source,
             })?;
-        let gateway = match Gateway::start(
+        let hooks = hooks.config(config.hooks_config()).build();
+        let gateway = match Gateway::start_with_hooks(
             config.mqtt_config(),
             storage.clone(),
+            hooks,
             log.new(o!("part" => "mqtt")),
         )
         .await

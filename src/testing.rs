@@ -24,6 +24,28 @@ use crate::config::Config;
 use crate::logging::parse_level;
 use crate::node::{BoundAddrs, Node};
 
+/// The configuration [`TestNode::start`] begins with: data in `dir`, two IO threads,
+/// TCP, WebSocket and service listeners on `127.0.0.1:0`, TLS and WSS disabled. Also
+/// handy for in-process tests that start a [`Node`] themselves (to register hooks).
+pub fn test_config(dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.node.name = "test".into();
+    config.node.data_dir = dir.to_path_buf();
+    config.node.io_threads = 2;
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.listener.tcp.enabled = true;
+    config.listener.tcp.bind = any;
+    config.listener.ws.enabled = true;
+    config.listener.ws.bind = any;
+    config.listener.tls.enabled = false;
+    config.listener.tls.bind = any;
+    config.listener.wss.enabled = false;
+    config.listener.wss.bind = any;
+    config.listener.service.enabled = true;
+    config.listener.service.bind = any;
+    config
+}
+
 /// A node running on its own thread; stopped gracefully by [`TestNode::stop`] or drop.
 pub struct TestNode {
     /// Where the node's MQTT TCP listener is bound.
@@ -44,21 +66,7 @@ impl TestNode {
     ///
     /// Panics if the node does not start: this is a test helper.
     pub fn start(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestNode {
-        let mut config = Config::default();
-        config.node.name = "test".into();
-        config.node.data_dir = dir.to_path_buf();
-        config.node.io_threads = 2;
-        config.listener.tcp.enabled = true;
-        config.listener.tcp.bind = SocketAddr::from(([127, 0, 0, 1], 0));
-        let any = SocketAddr::from(([127, 0, 0, 1], 0));
-        config.listener.ws.enabled = true;
-        config.listener.ws.bind = any;
-        config.listener.tls.enabled = false;
-        config.listener.tls.bind = any;
-        config.listener.wss.enabled = false;
-        config.listener.wss.bind = any;
-        config.listener.service.enabled = true;
-        config.listener.service.bind = any;
+        let mut config = test_config(dir);
         tweak(&mut config);
 
         let (ready_tx, ready_rx) = mpsc::channel::<Result<BoundAddrs, String>>();
