@@ -518,6 +518,15 @@ pub struct OutPublish<'a> {
     pub sub_ids: &'a [u32],
 }
 
+/// Which publish acknowledgement (PUBACK, PUBREC, PUBREL, PUBCOMP).
+#[derive(Clone, Copy)]
+enum AckKind {
+    Ack,
+    Rec,
+    Rel,
+    Comp,
+}
+
 /// Encodes outbound packets of the negotiated version.
 pub struct Encoder {
     proto: Proto,
@@ -671,21 +680,45 @@ impl Encoder {
         }
     }
 
+    /// One of the four publish acknowledgements: the v3 packet carries only the id, the
+    /// v5 one a reason code too.
+    fn ack(
+        &mut self,
+        kind: AckKind,
+        packet_id: u16,
+        reason: u8,
+        dst: &mut BytesMut,
+    ) -> Result<(), EncodeFailure> {
+        let id = nz16(packet_id);
+        match self.proto {
+            Proto::V3(_) => self.put3(
+                match kind {
+                    AckKind::Ack => v3::Packet::PublishAck { packet_id: id },
+                    AckKind::Rec => v3::Packet::PublishReceived { packet_id: id },
+                    AckKind::Rel => v3::Packet::PublishRelease { packet_id: id },
+                    AckKind::Comp => v3::Packet::PublishComplete { packet_id: id },
+                },
+                dst,
+            ),
+            Proto::V5 => self.put5(
+                match kind {
+                    AckKind::Ack => v5::Packet::PublishAck(Self::ack5(packet_id, reason)),
+                    AckKind::Rec => v5::Packet::PublishReceived(Self::ack5(packet_id, reason)),
+                    AckKind::Rel => v5::Packet::PublishRelease(Self::ack5_2(packet_id, reason)),
+                    AckKind::Comp => v5::Packet::PublishComplete(Self::ack5_2(packet_id, reason)),
+                },
+                dst,
+            ),
+        }
+    }
+
     pub fn puback(
         &mut self,
         packet_id: u16,
         reason: u8,
         dst: &mut BytesMut,
     ) -> Result<(), EncodeFailure> {
-        match self.proto {
-            Proto::V3(_) => self.put3(
-                v3::Packet::PublishAck {
-                    packet_id: nz16(packet_id),
-                },
-                dst,
-            ),
-            Proto::V5 => self.put5(v5::Packet::PublishAck(Self::ack5(packet_id, reason)), dst),
-        }
+        self.ack(AckKind::Ack, packet_id, reason, dst)
     }
 
     pub fn pubrec(
@@ -694,18 +727,7 @@ impl Encoder {
         reason: u8,
         dst: &mut BytesMut,
     ) -> Result<(), EncodeFailure> {
-        match self.proto {
-            Proto::V3(_) => self.put3(
-                v3::Packet::PublishReceived {
-                    packet_id: nz16(packet_id),
-                },
-                dst,
-            ),
-            Proto::V5 => self.put5(
-                v5::Packet::PublishReceived(Self::ack5(packet_id, reason)),
-                dst,
-            ),
-        }
+        self.ack(AckKind::Rec, packet_id, reason, dst)
     }
 
     pub fn pubrel(
@@ -714,18 +736,7 @@ impl Encoder {
         reason: u8,
         dst: &mut BytesMut,
     ) -> Result<(), EncodeFailure> {
-        match self.proto {
-            Proto::V3(_) => self.put3(
-                v3::Packet::PublishRelease {
-                    packet_id: nz16(packet_id),
-                },
-                dst,
-            ),
-            Proto::V5 => self.put5(
-                v5::Packet::PublishRelease(Self::ack5_2(packet_id, reason)),
-                dst,
-            ),
-        }
+        self.ack(AckKind::Rel, packet_id, reason, dst)
     }
 
     pub fn pubcomp(
@@ -734,18 +745,7 @@ impl Encoder {
         reason: u8,
         dst: &mut BytesMut,
     ) -> Result<(), EncodeFailure> {
-        match self.proto {
-            Proto::V3(_) => self.put3(
-                v3::Packet::PublishComplete {
-                    packet_id: nz16(packet_id),
-                },
-                dst,
-            ),
-            Proto::V5 => self.put5(
-                v5::Packet::PublishComplete(Self::ack5_2(packet_id, reason)),
-                dst,
-            ),
-        }
+        self.ack(AckKind::Comp, packet_id, reason, dst)
     }
 
     /// SUBACK with one v5 reason code per filter (0..=2 granted QoS, >= 0x80 failure).
