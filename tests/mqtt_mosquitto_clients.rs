@@ -146,9 +146,10 @@ async fn mosquitto_retained_message_with_r() {
     let got = sub_one(addr, &["-t", "mosqr/t", "-q", "1", "-v"], None).await;
     assert_eq!(got.trim_end(), "mosqr/t kept");
 
-    // Clear it with an empty retained payload (-n): a v5 subscriber with
-    // --retained-only gets nothing.
-    mosquitto_pub(addr, &["-t", "mosqr/t", "-r", "-n"]).await;
+    // Clear it with an empty retained payload (-n), at QoS 1: mosquitto_pub returns
+    // after PUBACK, which the broker sends once the retained store has the deletion
+    // (at QoS 0 nothing orders the clear before the check below).
+    mosquitto_pub(addr, &["-t", "mosqr/t", "-q", "1", "-r", "-n"]).await;
     let (mut raw, _) = Raw::connect_ok(addr, &ConnectOpts::v3("mosqr-check", true)).await;
     raw.subscribe(1, &[("mosqr/t", 1)]).await;
     assert!(
