@@ -72,6 +72,62 @@ pub struct Config {
     pub log: LogSection,
     /// Extension hooks: their deadline and failure policy.
     pub hooks: HooksSection,
+    /// Built-in authentication (password file) and ACL.
+    pub auth: AuthSection,
+}
+
+/// `[auth]`: the built-in password and ACL hooks (see `crate::auth`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// Admit clients that send no user name (out-of-the-box start).
+    pub allow_anonymous: bool,
+    /// `user:$argon2id$...` lines; empty means none.
+    pub password_file: PathBuf,
+    /// Mosquitto-style ACL; empty means no rules.
+    pub acl_file: PathBuf,
+    /// What an action no ACL rule matches gets.
+    pub acl_default: AclDefault,
+    /// Failures per IP within the window that block it; 0 disables the limit.
+    pub max_failures: u32,
+    /// The window failures are counted in.
+    pub failure_window_secs: u64,
+    /// How long a blocked IP stays blocked.
+    pub block_secs: u64,
+    /// Password verification threads (argon2 runs off the IO threads).
+    pub verify_threads: usize,
+}
+
+impl AuthSection {
+    /// The password file, when one is configured.
+    pub fn password_path(&self) -> Option<&Path> {
+        (!self.password_file.as_os_str().is_empty()).then_some(self.password_file.as_path())
+    }
+    /// The ACL file, when one is configured.
+    pub fn acl_path(&self) -> Option<&Path> {
+        (!self.acl_file.as_os_str().is_empty()).then_some(self.acl_file.as_path())
+    }
+}
+
+/// `auth.acl_default`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AclDefault {
+    /// Allow what no rule matches.
+    Allow,
+    /// Deny what no rule matches.
+    Deny,
+}
+
+impl<'de> Deserialize<'de> for AclDefault {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<AclDefault, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "allow" => Ok(AclDefault::Allow),
+            "deny" => Ok(AclDefault::Deny),
+            other => Err(serde::de::Error::custom(format!(
+                "{other:?} is not an ACL default (\"allow\" or \"deny\")"
+            ))),
+        }
+    }
 }
 
 /// `[hooks]`: how the gateway calls the hooks registered on `NodeBuilder`.
@@ -509,6 +565,11 @@ impl Config {
             bad("node.name", "must not be empty")?;
         }
         positive("hooks.timeout_ms", self.hooks.timeout_ms)?;
+        if self.auth.max_failures > 0 {
+            positive("auth.failure_window_secs", self.auth.failure_window_secs)?;
+            positive("auth.block_secs", self.auth.block_secs)?;
+        }
+        positive("auth.verify_threads", self.auth.verify_threads as u64)?;
         if self.node.data_dir.as_os_str().is_empty() {
             bad("node.data_dir", "must not be empty")?;
         }
@@ -761,6 +822,42 @@ mod tests {
         assert_eq!(cfg.storage.retention_bytes, None);
         assert_eq!(cfg.log.level, "info");
         assert!(cfg.io_threads() >= 1);
+    }
+
+    #[test]
+    fn auth_defaults_and_limits() {
+        let a = Config::default().auth;
+        assert!(a.allow_anonymous);
+        assert_eq!(a.password_path(), None);
+        assert_eq!(a.acl_path(), None);
+        assert_eq!(a.acl_default, AclDefault::Allow);
+        assert_eq!(
+            (a.max_failures, a.failure_window_secs, a.block_secs),
+            (5, 60, 300)
+        );
+        assert_eq!(a.verify_threads, 1);
+        let e = env_error("ACTIMQ__AUTH__ACL_DEFAULT", "maybe");
+        assert!(e.contains("acl_default"), "{e}");
+        let e = env_error("ACTIMQ__AUTH__VERIFY_THREADS", "0");
+        assert!(e.contains("auth.verify_threads"), "{e}");
+        let e = env_error("ACTIMQ__AUTH__BLOCK_SECS", "0");
+        assert!(e.contains("auth.block_secs"), "{e}");
+        let off = load_env(&[
+            ("ACTIMQ__AUTH__MAX_FAILURES", "0"),
+            ("ACTIMQ__AUTH__BLOCK_SECS", "0"),
+        ])
+        .unwrap();
+        assert_eq!(off.auth.max_failures, 0);
+        let c = load_env(&[
+            ("ACTIMQ__AUTH__ALLOW_ANONYMOUS", "false"),
+            ("ACTIMQ__AUTH__PASSWORD_FILE", "/etc/actimq/passwd"),
+        ])
+        .unwrap();
+        assert!(!c.auth.allow_anonymous);
+        assert_eq!(
+            c.auth.password_path(),
+            Some(Path::new("/etc/actimq/passwd"))
+        );
     }
 
     #[test]

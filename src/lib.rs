@@ -19,6 +19,8 @@
 //! * [`ws`]: the WebSocket upgrade and the adapter that makes a WebSocket the byte
 //!   stream the MQTT session reads and writes.
 //! * [`tls`]: rustls server configurations from PEM files (MQTTS, WSS, mutual TLS).
+//! * [`auth`]: the built-in password file and ACL, as hook actors the node registers
+//!   when `[auth]` enables them.
 //! * [`client`]: the Rust client of the service protocol: `Producer` and `Consumer`.
 //! * [`testing`]: [`testing::TestNode`], a node on its own thread for integration
 //!   tests that do not want to know about actix.
@@ -26,6 +28,7 @@
 //! The binary (`src/main.rs`) only parses the command line, loads the config and runs
 //! a [`Node`] until SIGINT or SIGTERM.
 
+pub mod auth;
 pub mod client;
 pub mod config;
 mod listener;

@@ -1,30 +1,36 @@
 //! The `actimq` binary: parse the command line, load the config, run a [`Node`] until
-//! SIGINT or SIGTERM, then stop it gracefully.
+//! SIGINT or SIGTERM, then stop it gracefully; SIGHUP reloads the password and ACL
+//! files. `actimq passwd FILE USER` adds or changes a user in a password file.
 //!
-//! The command line is parsed by hand: it has two subcommands and one option, and a
+//! The command line is parsed by hand: it has three subcommands and one option, and a
 //! parser crate would cost more build time than these lines.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use actimq::config::{Config, DEFAULT_TOML};
 use actimq::{logging, Node};
 use anyhow::Context as _;
-use slog::{info, warn};
+use slog::{error, info, warn};
 use tokio::signal::unix::{signal, SignalKind};
 
 const USAGE: &str = "\
 Usage:
   actimq [run] [--config FILE]   run the node (the default command)
   actimq print-config            print the built-in default configuration
+  actimq passwd FILE USER        add USER to password file FILE, or change its
+                                 password (asked twice on a terminal, else one
+                                 line read from stdin)
   actimq --help | -h             print this help
   actimq --version | -V          print the version
 
 The configuration is the built-in default, then FILE (only the keys it changes),
 then environment variables ACTIMQ__SECTION__KEY, e.g.
   ACTIMQ__LISTENER__TCP__BIND=127.0.0.1:1883 ACTIMQ__STORAGE__FLUSH=sync actimq
-SIGINT or SIGTERM stops the node gracefully.";
+SIGINT or SIGTERM stops the node gracefully; SIGHUP reloads the password and ACL
+files (a bad file keeps the old one).";
 
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,12 +41,32 @@ enum Command {
         config: Option<PathBuf>,
     },
     PrintConfig,
+    /// Add or change a user in a password file.
+    Passwd {
+        file: PathBuf,
+        user: String,
+    },
     Help,
     Version,
 }
 
 fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Command, String> {
-    let mut args = args.into_iter();
+    let mut args = args.into_iter().peekable();
+    if args.peek().and_then(|a| a.to_str()) == Some("passwd") {
+        args.next();
+        let rest: Vec<OsString> = args.collect();
+        return match rest.as_slice() {
+            [h] if h == "-h" || h == "--help" => Ok(Command::Help),
+            [file, user] => match user.to_str() {
+                Some(user) => Ok(Command::Passwd {
+                    file: PathBuf::from(file),
+                    user: user.to_string(),
+                }),
+                None => Err(format!("user name {user:?} is not UTF-8")),
+            },
+            _ => Err("passwd needs FILE and USER".into()),
+        };
+    }
     let mut subcommand: Option<String> = None;
     let mut config = None;
     while let Some(arg) = args.next() {
@@ -86,6 +112,13 @@ fn main() -> ExitCode {
             print!("{DEFAULT_TOML}");
             ExitCode::SUCCESS
         }
+        Ok(Command::Passwd { file, user }) => match passwd(&file, &user) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("actimq: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Ok(Command::Run { config }) => match run(config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -100,6 +133,57 @@ fn main() -> ExitCode {
     }
 }
 
+/// The password to store: asked twice without echo on a terminal, else the first
+/// line of stdin (for scripts and tests).
+fn read_password() -> anyhow::Result<String> {
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ").context("cannot read password")?;
+        let again = rpassword::prompt_password("Again: ").context("cannot read password")?;
+        anyhow::ensure!(first == again, "the passwords differ");
+        Ok(first)
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the password from stdin")?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    }
+}
+
+/// `actimq passwd FILE USER`: write FILE with USER's line set to a new argon2id hash,
+/// through a temporary file and a rename, readable by its owner only.
+fn passwd(file: &Path, user: &str) -> anyhow::Result<()> {
+    use actimq::auth::password::{hash_password, set_user};
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
+    };
+    let password = read_password()?;
+    anyhow::ensure!(!password.is_empty(), "empty password");
+    let phc = hash_password(password.as_bytes()).map_err(anyhow::Error::msg)?;
+    let text = set_user(&text, user, &phc).map_err(anyhow::Error::msg)?;
+    let mut tmp = file.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let write = || -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, file)
+    };
+    write().with_context(|| format!("cannot write {}", file.display()))?;
+    eprintln!("actimq: user {user} set in {}", file.display());
+    Ok(())
+}
+
 fn run(config_file: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config_file.as_deref()).context("invalid configuration")?;
     let (log, _log_guard) =
@@ -112,11 +196,20 @@ fn run(config_file: Option<PathBuf>) -> anyhow::Result<()> {
         // for the start and then stops the node cleanly instead of killing it.
         let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+        let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
 
         let node = Node::start(config, log.clone()).await?;
-        let name = tokio::select! {
-            _ = sigterm.recv() => "SIGTERM",
-            _ = sigint.recv() => "SIGINT",
+        let name = loop {
+            tokio::select! {
+                _ = sigterm.recv() => break "SIGTERM",
+                _ = sigint.recv() => break "SIGINT",
+                _ = sighup.recv() => {
+                    info!(log, "SIGHUP: reloading the password and ACL files");
+                    if let Err(e) = node.reload_auth().await {
+                        error!(log, "reload incomplete; old contents kept"; "error" => e);
+                    }
+                }
+            }
         };
         info!(log, "signal received; stopping gracefully"; "signal" => name);
 
@@ -163,5 +256,14 @@ mod tests {
         assert!(parse(&["run", "run"]).is_err());
         assert!(parse(&["print-config", "--config", "a"]).is_err());
         assert!(parse(&["serve"]).is_err());
+        assert_eq!(
+            parse(&["passwd", "pw", "alice"]),
+            Ok(Command::Passwd {
+                file: "pw".into(),
+                user: "alice".into()
+            })
+        );
+        assert!(parse(&["passwd", "pw"]).is_err());
+        assert!(parse(&["passwd", "pw", "a", "b"]).is_err());
     }
 }

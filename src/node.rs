@@ -4,8 +4,9 @@
 //! The node is a library: the binary only loads the [`Config`] and calls
 //! [`Node::start`]; tests and embedders do the same (see [`crate::testing`]).
 //!
-//! Start: validate the config, load TLS certificates, bind every listener (so that a taken port fails before
-//! any file is touched), open storage, start the gateway (which restores persistent
+//! Start: validate the config, start the built-in auth actors (`[auth]`: a bad password
+//! or ACL file stops here), load TLS certificates, bind every listener (so that a taken
+//! port fails before any file is touched), open storage, start the gateway (which restores persistent
 //! sessions), start `io_threads` IO arbiters, and spawn one accept loop per listener on
 //! the current arbiter.
 //!
@@ -24,14 +25,17 @@ use actimq_actors::mqtt::hooks::{Authenticate, Authorize, Event, Hooks, HooksBui
 use actimq_actors::mqtt::Gateway;
 use actimq_actors::service::Service;
 use actimq_actors::storage::{Storage, StorageError};
-use actix::Recipient;
+use actix::{Addr, Recipient};
 use actix_rt::Arbiter;
 use slog::{info, o, warn};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, ConfigError};
+use crate::auth::acl::AclAuth;
+use crate::auth::password::{PasswordAuth, PasswordAuthConfig};
+use crate::auth::Reload;
+use crate::config::{AclDefault, Config, ConfigError};
 use crate::listener::{IoArbiters, Listener, Transport};
 use crate::tls::TlsError;
 use crate::ws::WsSettings;
@@ -196,6 +200,60 @@ pub enum NodeError {
     /// The gateway could not load its state (retained messages, persistent sessions).
     #[error("cannot start the MQTT gateway: {0}")]
     Gateway(StorageError),
+    /// The password or ACL file (`[auth]`) could not be read or parsed.
+    #[error("cannot load auth.{key}: {problem}")]
+    Auth {
+        /// `password_file` or `acl_file`.
+        key: &'static str,
+        /// What was wrong (names the file and line).
+        problem: String,
+    },
+}
+
+/// The built-in auth actors a node started (see [`crate::auth`]).
+#[derive(Clone, Default)]
+struct AuthActors {
+    password: Option<Addr<PasswordAuth>>,
+    acl: Option<Addr<AclAuth>>,
+}
+
+/// Start the built-in hooks `config.auth` asks for: password authentication when a
+/// password file is set or anonymous clients are refused; the ACL when an ACL file is
+/// set or the default is deny.
+fn start_auth(config: &Config, log: &slog::Logger) -> Result<AuthActors, NodeError> {
+    let a = &config.auth;
+    let mut actors = AuthActors::default();
+    if a.password_path().is_some() || !a.allow_anonymous {
+        let cfg = PasswordAuthConfig {
+            allow_anonymous: a.allow_anonymous,
+            password_file: a.password_path().map(PathBuf::from),
+            max_failures: a.max_failures,
+            failure_window: Duration::from_secs(a.failure_window_secs),
+            block: Duration::from_secs(a.block_secs),
+            verify_threads: a.verify_threads,
+            verify_deadline: Duration::from_millis(config.hooks.timeout_ms),
+        };
+        let addr = PasswordAuth::start(cfg, log.new(o!("actor" => "password_auth"))).map_err(
+            |problem| NodeError::Auth {
+                key: "password_file",
+                problem,
+            },
+        )?;
+        actors.password = Some(addr);
+    }
+    if a.acl_path().is_some() || a.acl_default == AclDefault::Deny {
+        let addr = AclAuth::start(
+            a.acl_path().map(PathBuf::from),
+            a.acl_default == AclDefault::Allow,
+            log.new(o!("actor" => "acl")),
+        )
+        .map_err(|problem| NodeError::Auth {
+            key: "acl_file",
+            problem,
+        })?;
+        actors.acl = Some(addr);
+    }
+    Ok(actors)
 }
 
 /// Starts nodes. Extension points (hooks) are registered on [`NodeBuilder`].
@@ -215,6 +273,8 @@ impl Node {
             config,
             log: None,
             hooks: Hooks::builder(),
+            authenticate: Vec::new(),
+            authorize: Vec::new(),
         }
     }
 }
@@ -225,8 +285,12 @@ pub struct NodeBuilder {
     config: Config,
     /// Where it logs; `None` discards logs (handy in embedders that do not care).
     log: Option<slog::Logger>,
-    /// Extension hooks, in registration order.
+    /// Extension hooks, in registration order (on_publish and events).
     hooks: HooksBuilder,
+    /// Authentication hooks, asked after the built-in one.
+    authenticate: Vec<Recipient<Authenticate>>,
+    /// Authorization hooks, asked after the built-in ACL.
+    authorize: Vec<Recipient<Authorize>>,
 }
 
 impl NodeBuilder {
@@ -238,14 +302,16 @@ impl NodeBuilder {
 
     /// Ask `hook` on every CONNECT, before the client is registered (see
     /// `actimq_actors::mqtt::hooks`). Hooks of one kind run in registration order.
+    /// The built-in password hook (`[auth]`), when enabled, is asked first.
     pub fn authenticate(mut self, hook: Recipient<Authenticate>) -> NodeBuilder {
-        self.hooks = self.hooks.authenticate(hook);
+        self.authenticate.push(hook);
         self
     }
 
     /// Ask `hook` about every PUBLISH (and will) and every SUBSCRIBE filter.
+    /// The built-in ACL (`[auth]`), when enabled, is asked first.
     pub fn authorize(mut self, hook: Recipient<Authorize>) -> NodeBuilder {
-        self.hooks = self.hooks.authorize(hook);
+        self.authorize.push(hook);
         self
     }
 
@@ -264,9 +330,31 @@ impl NodeBuilder {
 
     /// Start the node; see [`Node::start`].
     pub async fn start(self) -> Result<NodeHandle, NodeError> {
-        let NodeBuilder { config, log, hooks } = self;
+        let NodeBuilder {
+            config,
+            log,
+            mut hooks,
+            authenticate,
+            authorize,
+        } = self;
         let log = log.unwrap_or_else(|| slog::Logger::root(slog::Discard, o!()));
         config.validate()?;
+
+        // A bad password or ACL file stops start-up before anything is bound or opened.
+        // Built-in hooks go first: what they decide is final.
+        let auth = start_auth(&config, &log)?;
+        if let Some(a) = &auth.password {
+            hooks = hooks.authenticate(a.clone().recipient());
+        }
+        for h in authenticate {
+            hooks = hooks.authenticate(h);
+        }
+        if let Some(a) = &auth.acl {
+            hooks = hooks.authorize(a.clone().recipient());
+        }
+        for h in authorize {
+            hooks = hooks.authorize(h);
+        }
 
         // Load certificates and bind first: a port in use or a bad certificate is the
         // commonest start-up failure, and it should not cost a storage recovery.
@@ -354,6 +442,7 @@ impl NodeBuilder {
             shutdown,
             accept_loops,
             arbiters,
+            auth,
             log,
         })
     }
@@ -374,6 +463,8 @@ pub struct NodeHandle {
     accept_loops: Vec<JoinHandle<()>>,
     /// The IO threads; stopped and joined on stop.
     arbiters: Vec<Arbiter>,
+    /// The built-in password and ACL actors, for [`NodeHandle::reload_auth`].
+    auth: AuthActors,
     /// The node's logger.
     log: slog::Logger,
 }
@@ -417,6 +508,29 @@ impl NodeHandle {
     /// The node's MQTT gateway.
     pub fn gateway(&self) -> &Gateway {
         &self.gateway
+    }
+
+    /// Re-read the password and ACL files (what SIGHUP does), without touching any
+    /// connection. A file that cannot be read or parsed keeps its old contents (and
+    /// is logged); the error lists every file that failed.
+    pub async fn reload_auth(&self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        let mut note = |what: &str, r: Result<Result<usize, String>, actix::MailboxError>| match r {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => errors.push(e),
+            Err(e) => errors.push(format!("{what}: {e}")),
+        };
+        if let Some(a) = &self.auth.password {
+            note("password_file", a.send(Reload).await);
+        }
+        if let Some(a) = &self.auth.acl {
+            note("acl_file", a.send(Reload).await);
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
     }
 
     /// Stop gracefully: stop accepting, shut the gateway down, stop the IO arbiters

@@ -208,6 +208,9 @@ pub struct ConnectOpts {
     pub keep_alive: u16,
     pub props: Props,
     pub will: Option<WillOpts>,
+    /// User name and password (either may be absent).
+    pub username: Option<String>,
+    pub password: Option<Vec<u8>>,
 }
 
 impl ConnectOpts {
@@ -219,6 +222,8 @@ impl ConnectOpts {
             keep_alive: 30,
             props: Props::new(),
             will: None,
+            username: None,
+            password: None,
         }
     }
     pub fn v5(client_id: &str, clean: bool) -> ConnectOpts {
@@ -233,6 +238,11 @@ impl ConnectOpts {
     }
     pub fn keep_alive(mut self, secs: u16) -> ConnectOpts {
         self.keep_alive = secs;
+        self
+    }
+    pub fn login(mut self, user: &str, password: &str) -> ConnectOpts {
+        self.username = Some(user.into());
+        self.password = Some(password.as_bytes().to_vec());
         self
     }
     pub fn will(mut self, will: WillOpts) -> ConnectOpts {
@@ -252,6 +262,12 @@ pub fn connect_packet(o: &ConnectOpts) -> Vec<u8> {
     if o.clean {
         flags |= 0x02;
     }
+    if o.username.is_some() {
+        flags |= 0x80;
+    }
+    if o.password.is_some() {
+        flags |= 0x40;
+    }
     if let Some(w) = &o.will {
         flags |= 0x04 | (w.qos << 3);
         if w.retain {
@@ -270,6 +286,12 @@ pub fn connect_packet(o: &ConnectOpts) -> Vec<u8> {
         }
         put_str(&mut b, &w.topic);
         put_bin(&mut b, &w.payload);
+    }
+    if let Some(u) = &o.username {
+        put_str(&mut b, u);
+    }
+    if let Some(p) = &o.password {
+        put_bin(&mut b, p);
     }
     packet(0x10, &b)
 }
