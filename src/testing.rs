@@ -66,6 +66,15 @@ impl TestNode {
     ///
     /// Panics if the node does not start: this is a test helper.
     pub fn start(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestNode {
+        match Self::try_start(dir, tweak) {
+            Ok(node) => node,
+            Err(e) => panic!("test node did not start: {e}"),
+        }
+    }
+
+    /// [`TestNode::start`], answering why the node did not start instead of panicking
+    /// (for tests that bind a fixed port, which another process may hold for a moment).
+    pub fn try_start(dir: &Path, tweak: impl FnOnce(&mut Config)) -> Result<TestNode, String> {
         let mut config = test_config(dir);
         tweak(&mut config);
 
@@ -100,23 +109,20 @@ impl TestNode {
             .expect("spawn the test node's thread");
 
         match ready_rx.recv() {
-            Ok(Ok(addrs)) => TestNode {
+            Ok(Ok(addrs)) => Ok(TestNode {
                 mqtt_addr: addrs.tcp.expect("checked by the node thread"),
                 addrs,
                 stop: Some(stop_tx),
                 thread: Some(thread),
-            },
+            }),
             Ok(Err(e)) => {
                 let _ = thread.join();
-                panic!("test node did not start: {e}");
+                Err(e)
             }
-            Err(_) => {
-                let why = match thread.join() {
-                    Err(p) => panic_message(&p),
-                    Ok(()) => "its thread ended".into(),
-                };
-                panic!("test node did not start: {why}");
-            }
+            Err(_) => Err(match thread.join() {
+                Err(p) => panic_message(&p),
+                Ok(()) => "its thread ended".into(),
+            }),
         }
     }
 

@@ -201,21 +201,39 @@ fn consumers_resume_from_committed_offsets_after_a_restart() {
 #[test]
 fn clients_reconnect_after_the_node_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let start = || {
-        actimq::testing::TestNode::start(dir.path(), |c| {
+    // The restart must reuse the service port, so the port is fixed; a port found free a
+    // moment ago may be taken by another test's socket meanwhile, so both starts retry.
+    let start_on = |port: u16| {
+        actimq::testing::TestNode::try_start(dir.path(), |c| {
             c.listener.service.bind = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         })
+    };
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (node, port) = (0..20)
+        .find_map(|_| {
+            let port = free_port();
+            start_on(port).ok().map(|n| (n, port))
+        })
+        .expect("a free port for the service listener");
+    let start = || {
+        for _ in 0..50 {
+            match start_on(port) {
+                Ok(node) => return node,
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        panic!("the service port {port} stayed taken for 5 s");
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    let node = start();
     let addr = node.service_addr();
     let (mut c, mut p) = rt.block_on(async {
         let mut c = Consumer::connect(addr, "rc", "re").await.unwrap();
