@@ -275,6 +275,16 @@ pub struct MqttSection {
     pub retain_available: bool,
     /// Bounds the retained store; 0 means unlimited.
     pub max_retained: usize,
+    /// Bounds one retained payload (retained messages live in memory); 0: unlimited.
+    pub max_retained_payload: usize,
+    /// Bounds the memory of all retained payloads together; 0 means unlimited.
+    pub max_retained_bytes: usize,
+    /// Bounds one client's subscriptions (trie entries and queues); 0: unlimited.
+    pub max_subscriptions: usize,
+    /// Throttles one client's PUBLISH rate (reads slow down); 0 means unlimited.
+    pub max_inbound_messages_per_sec: u32,
+    /// Throttles one client's inbound byte rate; 0 means unlimited.
+    pub max_inbound_bytes_per_sec: u32,
     /// Subscription shard actors; more shards spread routing over more mailboxes.
     pub subscription_shards: usize,
     /// Some clients connect with an empty id and expect the server to assign one.
@@ -302,6 +312,9 @@ pub struct ServiceSection {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerSection {
+    /// Connections over every listener together: one cap for the node's file
+    /// descriptors and memory, whichever listeners the clients use.
+    pub max_connections: usize,
     /// Plain MQTT over TCP (`[listener.tcp]`).
     pub tcp: TcpListenerSection,
     /// MQTT over WebSocket (`[listener.ws]`).
@@ -325,6 +338,9 @@ pub struct TcpListenerSection {
     pub bind: SocketAddr,
     /// Connections beyond this are closed at once, so that a flood cannot exhaust fds.
     pub max_connections: usize,
+    /// New connections accepted a second; above it accepting pauses (the kernel's
+    /// backlog holds the rest), so a reconnect storm is spread out. 0: unlimited.
+    pub max_connection_rate: u32,
 }
 
 /// `[listener.ws]`
@@ -340,6 +356,9 @@ pub struct WsListenerSection {
     pub path: String,
     /// Connections beyond this are closed at once.
     pub max_connections: usize,
+    /// New connections accepted a second; above it accepting pauses (the kernel's
+    /// backlog holds the rest), so a reconnect storm is spread out. 0: unlimited.
+    pub max_connection_rate: u32,
 }
 
 /// The TLS files of a listener, as [`TlsListenerSection`] and [`WssListenerSection`]
@@ -379,6 +398,9 @@ pub struct TlsListenerSection {
     pub cn_as_username: bool,
     /// Connections beyond this are closed at once (TLS handshakes included).
     pub max_connections: usize,
+    /// New connections accepted a second; above it accepting pauses (the kernel's
+    /// backlog holds the rest), so a reconnect storm is spread out. 0: unlimited.
+    pub max_connection_rate: u32,
 }
 
 /// `[listener.wss]`: the keys of `[listener.tls]` plus the WebSocket `path`.
@@ -405,6 +427,9 @@ pub struct WssListenerSection {
     pub cn_as_username: bool,
     /// Connections beyond this are closed at once (handshakes included).
     pub max_connections: usize,
+    /// New connections accepted a second; above it accepting pauses (the kernel's
+    /// backlog holds the rest), so a reconnect storm is spread out. 0: unlimited.
+    pub max_connection_rate: u32,
 }
 
 /// Check a TLS listener's file keys; `keys` are their dotted names (cert, key, ca,
@@ -637,6 +662,7 @@ impl Config {
         positive("mqtt.subscription_shards", m.subscription_shards as u64)?;
 
         let l = &self.listener;
+        positive("listener.max_connections", l.max_connections as u64)?;
         positive("listener.tcp.max_connections", l.tcp.max_connections as u64)?;
         positive("listener.ws.max_connections", l.ws.max_connections as u64)?;
         positive("listener.tls.max_connections", l.tls.max_connections as u64)?;
@@ -753,6 +779,11 @@ impl Config {
             max_write_buffer: m.max_write_buffer,
             retain_available: m.retain_available,
             max_retained: m.max_retained,
+            max_retained_payload: m.max_retained_payload,
+            max_retained_bytes: m.max_retained_bytes,
+            max_subscriptions: m.max_subscriptions,
+            max_inbound_messages_per_sec: m.max_inbound_messages_per_sec,
+            max_inbound_bytes_per_sec: m.max_inbound_bytes_per_sec,
             subscription_shards: m.subscription_shards,
             allow_empty_client_id: m.allow_empty_client_id,
             partitions: self.service.partitions,
@@ -1039,6 +1070,10 @@ mod tests {
             (
                 "ACTIMQ__MQTT__SUBSCRIPTION_SHARDS",
                 "mqtt.subscription_shards",
+            ),
+            (
+                "ACTIMQ__LISTENER__MAX_CONNECTIONS",
+                "listener.max_connections",
             ),
             (
                 "ACTIMQ__LISTENER__TCP__MAX_CONNECTIONS",

@@ -12,10 +12,12 @@
 //! which starts the session actor there. Every transport ends in the same
 //! `Gateway::accept`: one `MqttSession` and one codec for all of them.
 //!
-//! Back-pressure: a connection holds its listener's slot from accept to close,
-//! handshakes included, so `max_connections` bounds the connections *and* the
-//! handshakes in progress; a failed or timed-out handshake closes only that connection
-//! (logged with the peer address) and returns its slot.
+//! Back-pressure: a connection holds a slot of its listener and one of the node
+//! (`listener.max_connections`) from accept to close, handshakes included, so
+//! `max_connections` bounds the connections *and* the handshakes in progress; a failed
+//! or timed-out handshake closes only that connection (logged with the peer address)
+//! and returns its slots. `max_connection_rate` paces accepting: over it the loop
+//! sleeps, and the kernel's listen backlog holds the connections that wait.
 //!
 //! Accept errors (usually `EMFILE`: out of file descriptors) back off exponentially
 //! instead of spinning, and the loop resumes at full speed after the next success.
@@ -28,6 +30,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use actimq_actors::mqtt::throttle::Rate;
 use actimq_actors::mqtt::Gateway;
 use actimq_actors::service::Service;
 use actix_rt::ArbiterHandle;
@@ -102,6 +105,10 @@ pub(crate) struct Listener {
     /// One permit per live connection, `max_connections` in all: the cap that keeps a
     /// flood from exhausting file descriptors and memory.
     pub slots: Arc<Semaphore>,
+    /// The node's slots (`listener.max_connections`), shared by every listener.
+    pub node_slots: Arc<Semaphore>,
+    /// `max_connection_rate`; `None` when unlimited.
+    pub rate: Option<Rate>,
     /// Where connections run.
     pub io: Arc<IoArbiters>,
     /// Who serves a connection once it is on its arbiter.
@@ -120,6 +127,15 @@ impl Listener {
     pub(crate) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = MIN_BACKOFF;
         loop {
+            if let Some(rate) = &self.rate {
+                // Pace accepting: connections wait in the kernel's backlog meanwhile.
+                while let Some(wait) = rate.take(1) {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.changed() => return self.stopped(),
+                    }
+                }
+            }
             let accepted = tokio::select! {
                 r = self.listener.accept() => r,
                 _ = shutdown.changed() => break,
@@ -140,20 +156,36 @@ impl Listener {
                 }
             }
         }
+        self.stopped()
+    }
+
+    fn stopped(&self) {
         info!(self.log, "stopped accepting");
     }
 
     /// Give one accepted connection to an IO arbiter, or close it if we are full.
     fn hand_over(&mut self, stream: TcpStream, peer: SocketAddr) {
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            // Dropping the stream closes it: the client sees the connection end before
-            // CONNACK, which is the only refusal possible before CONNECT is read.
-            self.refused += 1;
-            if self.refused.is_power_of_two() {
-                warn!(self.log, "connection refused: max_connections reached";
-                    "peer" => %peer, "refused_so_far" => self.refused);
+        let slots = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "listener");
+        let slots = slots.and_then(|l| {
+            let node = self.node_slots.clone().try_acquire_owned();
+            node.map(|n| (l, n)).map_err(|_| "node")
+        });
+        let slot = match slots {
+            Ok(slot) => slot,
+            Err(which) => {
+                // Dropping the stream closes it: the client sees the connection end
+                // before CONNACK, the only refusal possible before CONNECT is read.
+                self.refused += 1;
+                if self.refused.is_power_of_two() {
+                    warn!(self.log, "connection refused: max_connections reached";
+                        "limit" => which, "peer" => %peer, "refused_so_far" => self.refused);
+                }
+                return;
             }
-            return;
         };
         if let Err(e) = stream.set_nodelay(true) {
             // The peer may already have gone; the session will find out.
@@ -278,8 +310,8 @@ fn upgrade_failed(log: &slog::Logger, peer: SocketAddr, e: ws::UpgradeError) {
 pub(crate) struct Limited<S> {
     /// The socket itself.
     io: S,
-    /// Returned to the listener's semaphore when the connection is dropped.
-    _slot: OwnedSemaphorePermit,
+    /// The listener's slot and the node's, returned when the connection is dropped.
+    _slot: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Limited<S> {

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actimq_actors::mqtt::hooks::{Authenticate, Authorize, Event, Hooks, HooksBuilder, OnPublish};
+use actimq_actors::mqtt::throttle::Rate;
 use actimq_actors::mqtt::Gateway;
 use actimq_actors::service::Service;
 use actimq_actors::storage::{Storage, StorageError};
@@ -45,6 +46,7 @@ struct ListenerPlan {
     name: &'static str,
     addr: SocketAddr,
     max_connections: usize,
+    max_connection_rate: u32,
     transport: Transport,
 }
 
@@ -68,6 +70,7 @@ fn plan_listeners(config: &Config) -> Result<Vec<ListenerPlan>, NodeError> {
             name: "tcp",
             addr: l.tcp.bind,
             max_connections: l.tcp.max_connections,
+            max_connection_rate: l.tcp.max_connection_rate,
             transport: Transport::Tcp,
         });
     }
@@ -76,6 +79,7 @@ fn plan_listeners(config: &Config) -> Result<Vec<ListenerPlan>, NodeError> {
             name: "ws",
             addr: l.ws.bind,
             max_connections: l.ws.max_connections,
+            max_connection_rate: l.ws.max_connection_rate,
             transport: Transport::Ws(ws(&l.ws.path)),
         });
     }
@@ -84,6 +88,7 @@ fn plan_listeners(config: &Config) -> Result<Vec<ListenerPlan>, NodeError> {
             name: "tls",
             addr: l.tls.bind,
             max_connections: l.tls.max_connections,
+            max_connection_rate: l.tls.max_connection_rate,
             transport: Transport::Tls {
                 acceptor: acceptor("tls", &files)?,
                 cn: files.cn_as_username,
@@ -95,6 +100,7 @@ fn plan_listeners(config: &Config) -> Result<Vec<ListenerPlan>, NodeError> {
             name: "wss",
             addr: l.wss.bind,
             max_connections: l.wss.max_connections,
+            max_connection_rate: l.wss.max_connection_rate,
             transport: Transport::Wss {
                 acceptor: acceptor("wss", &files)?,
                 cn: files.cn_as_username,
@@ -107,6 +113,7 @@ fn plan_listeners(config: &Config) -> Result<Vec<ListenerPlan>, NodeError> {
             name: "service",
             addr: l.service.bind,
             max_connections: l.service.max_connections,
+            max_connection_rate: l.service.max_connection_rate,
             transport: Transport::Service,
         });
     }
@@ -406,6 +413,8 @@ impl NodeBuilder {
         let mut accept_loops = Vec::new();
         let mut addrs = BoundAddrs::default();
         let handshake_timeout = Duration::from_secs(config.mqtt.connect_timeout_secs.max(1));
+        // `listener.max_connections`: one pool of slots over every listener.
+        let node_slots = Arc::new(Semaphore::new(config.listener.max_connections));
         for (plan, listener, addr) in bound {
             let listener = Listener {
                 name: plan.name,
@@ -413,6 +422,8 @@ impl NodeBuilder {
                 handshake_timeout,
                 listener,
                 slots: Arc::new(Semaphore::new(plan.max_connections)),
+                node_slots: node_slots.clone(),
+                rate: Rate::per_second(plan.max_connection_rate),
                 io: io.clone(),
                 gateway: gateway.clone(),
                 service: service.clone(),

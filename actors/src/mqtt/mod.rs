@@ -22,6 +22,7 @@ pub mod retain;
 pub mod session;
 pub mod shard;
 pub mod subscription;
+pub mod throttle;
 pub mod topic;
 pub mod trie;
 
@@ -66,6 +67,19 @@ pub struct MqttConfig {
     pub retain_available: bool,
     /// Max retained messages (0 = unlimited).
     pub max_retained: usize,
+    /// Largest payload kept as a retained message (0 = unlimited); a larger retained
+    /// PUBLISH is delivered but not retained.
+    pub max_retained_payload: usize,
+    /// Most payload bytes of all retained messages together (0 = unlimited).
+    pub max_retained_bytes: usize,
+    /// Most subscriptions one client may hold (0 = unlimited); more get SUBACK 0x97
+    /// (v5) or 0x80 (v3).
+    pub max_subscriptions: usize,
+    /// PUBLISH packets a second one client may send (0 = unlimited); above it its
+    /// socket is read more slowly: throttled, not disconnected.
+    pub max_inbound_messages_per_sec: u32,
+    /// Bytes a second one client may send (0 = unlimited), throttled the same way.
+    pub max_inbound_bytes_per_sec: u32,
     /// Subscription shards (sharded by first-level topic).
     pub subscription_shards: usize,
     /// Allow clients to connect with an empty client id (a server id is assigned).
@@ -92,6 +106,11 @@ impl Default for MqttConfig {
             max_write_buffer: 256 * 1024,
             retain_available: true,
             max_retained: 1_000_000,
+            max_retained_payload: 256 * 1024,
+            max_retained_bytes: 256 * 1024 * 1024,
+            max_subscriptions: 1000,
+            max_inbound_messages_per_sec: 0,
+            max_inbound_bytes_per_sec: 0,
             subscription_shards: 4,
             allow_empty_client_id: true,
             partitions: 4,

@@ -7,6 +7,10 @@
 //!   acknowledge a retained PUBLISH) and [`MatchRetained`] (from sessions on SUBSCRIBE).
 //! * **Back-pressure.** `SetRetained` answers only after the KvStore write is durable,
 //!   so a publisher of retained messages is paced by the store.
+//! * **Quotas.** `mqtt.max_retained` (messages), `mqtt.max_retained_payload` (one
+//!   payload) and `mqtt.max_retained_bytes` (all payloads) bound the memory held here;
+//!   a retained PUBLISH over them is refused with [`RetainError::Quota`] (the message is
+//!   still delivered, the topic's previous retained message stays).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -81,7 +85,7 @@ pub struct MatchRetained {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RetainError {
-    #[error("too many retained messages")]
+    #[error("retained message quota exceeded")]
     Quota,
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -89,12 +93,32 @@ pub enum RetainError {
 
 pub struct RetainStore {
     messages: HashMap<String, Arc<Message>>,
+    /// Payload bytes of `messages`.
+    bytes: usize,
     storage: Storage,
+    /// `mqtt.max_retained`, `max_retained_payload`, `max_retained_bytes` (0: unlimited).
     max: usize,
+    max_payload: usize,
+    max_bytes: usize,
     log: slog::Logger,
 }
 
 impl RetainStore {
+    /// Why storing a payload of `size` bytes (replacing one of `replaced` bytes) would
+    /// break a quota, if it would.
+    fn over_quota(&self, size: usize, replaced: Option<usize>) -> Option<&'static str> {
+        let over = |limit: usize, v: usize| limit > 0 && v > limit;
+        if over(self.max_payload, size) {
+            Some("max_retained_payload")
+        } else if replaced.is_none() && over(self.max, self.messages.len() + 1) {
+            Some("max_retained")
+        } else if over(self.max_bytes, self.bytes - replaced.unwrap_or(0) + size) {
+            Some("max_retained_bytes")
+        } else {
+            None
+        }
+    }
+
     /// Load every retained message from the KvStore.
     pub async fn load(
         storage: &Storage,
@@ -118,11 +142,16 @@ impl RetainStore {
                 None => slog::warn!(log, "unreadable retained message skipped"; "key" => key),
             }
         }
-        slog::info!(log, "retained messages loaded"; "count" => messages.len());
+        let bytes = messages.values().map(|m| m.payload.len()).sum();
+        // Lowered quotas apply to new messages; what is stored stays.
+        slog::info!(log, "retained messages loaded"; "count" => messages.len(), "bytes" => bytes);
         Ok(RetainStore {
             messages,
+            bytes,
             storage: storage.clone(),
             max: cfg.max_retained,
+            max_payload: cfg.max_retained_payload,
+            max_bytes: cfg.max_retained_bytes,
             log,
         })
     }
@@ -142,16 +171,22 @@ impl Handler<SetRetained> for RetainStore {
         let key = format!("{PREFIX}{}", m.message.topic);
         let value = if m.message.payload.is_empty() {
             // MQTT-3.3.1-10/11: an empty retained payload deletes the retained message.
-            self.messages.remove(&m.message.topic);
+            if let Some(old) = self.messages.remove(&m.message.topic) {
+                self.bytes -= old.payload.len();
+            }
             None
         } else {
-            if self.max > 0
-                && self.messages.len() >= self.max
-                && !self.messages.contains_key(&m.message.topic)
-            {
-                slog::warn!(self.log, "retained message limit reached"; "max" => self.max);
+            let size = m.message.payload.len();
+            let replaced = self
+                .messages
+                .get(&m.message.topic)
+                .map(|old| old.payload.len());
+            if let Some(why) = self.over_quota(size, replaced) {
+                slog::debug!(self.log, "retained message refused"; "topic" => &m.message.topic,
+                    "why" => why, "payload_bytes" => size);
                 return Box::pin(async { Err(RetainError::Quota) });
             }
+            self.bytes = self.bytes - replaced.unwrap_or(0) + size;
             let bytes = encode(&m.message);
             self.messages
                 .insert(m.message.topic.clone(), Arc::new(m.message));
@@ -192,7 +227,9 @@ impl Handler<MatchRetained> for RetainStore {
             }
         });
         for topic in expired {
-            self.messages.remove(&topic);
+            if let Some(old) = self.messages.remove(&topic) {
+                self.bytes -= old.payload.len();
+            }
             self.storage.kv.do_send(KvPut {
                 key: format!("{PREFIX}{topic}"),
                 value: None,

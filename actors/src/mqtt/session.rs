@@ -43,6 +43,7 @@ use super::inflight::{Inflight, InflightEntry};
 use super::registry::{self, qos2_key, session_key, Register, SessionState, SubState, Unregister};
 use super::retain::{expiry_left, MatchRetained, SetRetained};
 use super::shard::{shard_of, shards_for_filter, AddRoute, Route, RouteKind};
+use super::throttle;
 use super::topic::{self, first_level, parse_filter};
 use super::Gateway;
 use crate::storage::{
@@ -275,6 +276,17 @@ impl MqttSession {
                     wants_drain: wants_drain.clone(),
                     low: cfg.max_write_buffer / 2,
                 },
+                throttle::Inbound::new(
+                    cfg.max_inbound_messages_per_sec,
+                    cfg.max_inbound_bytes_per_sec,
+                )
+                .map(|limits| {
+                    Box::new(Throttle {
+                        limits,
+                        held: None,
+                        resume: None,
+                    })
+                }),
             ));
             MqttSession {
                 gw,
@@ -1239,7 +1251,14 @@ impl MqttSession {
         let v5 = self.proto.is_v5();
         let mut codes = Vec::with_capacity(filters.len());
         // (raw, filter, group, opts, is_new)
-        let mut plans = Vec::new();
+        let mut plans: Vec<(String, String, Option<String>, SubOpts, bool)> = Vec::new();
+        // `mqtt.max_subscriptions`: new filters beyond it are refused; replacing an
+        // existing subscription is always allowed.
+        let max_subs = match self.cfg().max_subscriptions {
+            0 => usize::MAX,
+            n => n,
+        };
+        let mut held = self.subs.len();
         for (i, (raw, opts)) in filters.into_iter().enumerate() {
             if denied.get(i).copied().unwrap_or(false) {
                 codes.push(if v5 { 0x87 } else { 0x80 });
@@ -1253,8 +1272,17 @@ impl MqttSession {
                         self.busy = false;
                         return self.protocol_error(0x82, "no local on shared subscription", ctx);
                     }
+                    let is_new =
+                        !self.subs.contains_key(&raw) && !plans.iter().any(|(r, ..)| *r == raw);
+                    if is_new {
+                        if held >= max_subs {
+                            // 0x97 Quota exceeded (v5); v3 has only 0x80 Failure.
+                            codes.push(if v5 { 0x97 } else { 0x80 });
+                            continue;
+                        }
+                        held += 1;
+                    }
                     codes.push(opts.qos);
-                    let is_new = !self.subs.contains_key(&raw);
                     plans.push((
                         raw.clone(),
                         pf.filter.to_string(),
@@ -1955,6 +1983,7 @@ async fn io_loop<S: AsyncRead + AsyncWrite + Unpin>(
     addr: Addr<MqttSession>,
     permits: Arc<Semaphore>,
     mut out: WriteSide,
+    mut throttle: Option<Box<Throttle>>,
 ) {
     let (mut r, mut w) = tokio::io::split(io);
     // Read-buffer size adapts: small for the many idle devices (memory per connection),
@@ -1973,6 +2002,7 @@ async fn io_loop<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         let room = buf.capacity() - buf.len();
+        let resume = throttle.as_ref().and_then(|t| t.resume);
         tokio::select! {
             // Writes first: they free the client's window and the session's buffer.
             biased;
@@ -1990,8 +2020,14 @@ async fn io_loop<S: AsyncRead + AsyncWrite + Unpin>(
                     addr.do_send(Drained { failed: false });
                 }
             }
+            // A throttled client: hand on the packet that waited, then what follows it.
+            _ = tokio::time::sleep_until(resume.unwrap_or_else(Instant::now).into()),
+                if resume.is_some() =>
+            {
+                reading = Box::pin(deliver(&mut dec, &mut buf, &addr, &permits, throttle.as_deref_mut())).await;
+            }
             // `read_buf` is cancel-safe: losing the race to a write loses no bytes.
-            res = r.read_buf(&mut buf), if reading => {
+            res = r.read_buf(&mut buf), if reading && resume.is_none() => {
                 match res {
                     Ok(0) => {
                         addr.do_send(ReadEnded(None));
@@ -2010,7 +2046,7 @@ async fn io_loop<S: AsyncRead + AsyncWrite + Unpin>(
                         // Boxed: this future (permit wait, mailbox send, frames) is only
                         // alive while packets are handed over; inline it would make every
                         // idle connection's task several hundred bytes larger.
-                        reading = Box::pin(deliver(&mut dec, &mut buf, &addr, &permits)).await;
+                        reading = Box::pin(deliver(&mut dec, &mut buf, &addr, &permits, throttle.as_deref_mut())).await;
                     }
                 }
             }
@@ -2020,26 +2056,61 @@ async fn io_loop<S: AsyncRead + AsyncWrite + Unpin>(
     let _ = w.shutdown().await;
 }
 
+/// A client's inbound rate limits and the packet that is waiting for them.
+struct Throttle {
+    limits: Box<throttle::Inbound>,
+    /// The packet that must wait: the packet, its size, and whether its message unit
+    /// is taken.
+    held: Option<(Inbound, usize, bool)>,
+    /// When to ask again for `held`; reading the socket stops until then.
+    resume: Option<Instant>,
+}
+
 /// Decode every whole packet in `buf` and hand them to the session, in batches of at
 /// most `MAX_PUBLISH_BATCH`. False when reading should stop (bad input, session gone).
+///
+/// With rate limits (`throttle`), a packet over the limit is held and `resume` set:
+/// the IO task stops reading (TCP then pushes back on the client) and calls again
+/// then, while it goes on writing.
 async fn deliver(
     dec: &mut MqttDecoder,
     buf: &mut BytesMut,
     addr: &Addr<MqttSession>,
     permits: &Semaphore,
+    mut throttle: Option<&mut Throttle>,
 ) -> bool {
+    if let Some(t) = throttle.as_deref_mut() {
+        t.resume = None;
+    }
     loop {
         let mut frames = Vec::new();
         let mut failure = None;
+        let mut paused = false;
         while frames.len() < MAX_PUBLISH_BATCH {
-            match dec.decode(buf) {
-                Ok(Some(p)) => frames.push(p),
-                Ok(None) => break,
-                Err(e) => {
-                    failure = Some(e);
+            let (p, size, mut taken) = match throttle.as_deref_mut().and_then(|t| t.held.take()) {
+                Some(held) => held,
+                None => {
+                    let before = buf.len();
+                    match dec.decode(buf) {
+                        Ok(Some(p)) => (p, before.saturating_sub(buf.len()), false),
+                        Ok(None) => break,
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                }
+            };
+            if let Some(t) = throttle.as_deref_mut() {
+                let publish = matches!(p, Inbound::Publish(_));
+                if let Some(wait) = t.limits.wait(publish, size, &mut taken) {
+                    t.held = Some((p, size, taken));
+                    t.resume = Some(Instant::now() + wait);
+                    paused = true;
                     break;
                 }
             }
+            frames.push(p);
         }
         let full = frames.len() >= MAX_PUBLISH_BATCH;
         let publishes = frames
@@ -2060,7 +2131,7 @@ async fn deliver(
             addr.do_send(ReadEnded(Some(e)));
             return false;
         }
-        if !full {
+        if paused || !full {
             return true;
         }
     }
