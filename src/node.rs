@@ -535,7 +535,12 @@ impl NodeHandle {
             note("password_file", a.send(Reload).await);
         }
         if let Some(a) = &self.auth.acl {
-            note("acl_file", a.send(Reload).await);
+            let reloaded = a.send(Reload).await;
+            if matches!(reloaded, Ok(Ok(_))) {
+                // Subscriptions made under the old rules are checked under the new ones.
+                self.gateway.reauthorize();
+            }
+            note("acl_file", reloaded);
         }
         if errors.is_empty() {
             Ok(())

@@ -199,3 +199,54 @@ fn reload_applies_new_rules_to_connected_clients() {
         node.stop().await;
     });
 }
+
+#[test]
+fn reload_revokes_subscriptions_the_new_rules_deny() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("acl");
+    std::fs::write(&file, "user alice\ntopic read a/#\ntopic read b/#\n").unwrap();
+    let mut config = actimq::testing::test_config(&dir.path().join("data"));
+    config.auth.acl_file = file.clone();
+    config.auth.acl_default = AclDefault::Allow;
+    actix_rt::System::new().block_on(async move {
+        let node = Node::builder(config).start().await.unwrap();
+        let addr = node.mqtt_addr().unwrap();
+        let (mut alice, _) = Raw::connect_ok(addr, &as_user(true, "a1", "alice")).await;
+        assert_eq!(
+            alice.subscribe(1, &[("a/#", 1), ("b/#", 1)]).await,
+            vec![1, 1]
+        );
+        // A persistent session of alice's, offline while the rules change.
+        let persistent = as_user(false, "a2", "alice");
+        let persistent = ConnectOpts {
+            clean: false,
+            ..persistent
+        };
+        let (mut away, _) = Raw::connect_ok(addr, &persistent).await;
+        assert_eq!(away.subscribe(1, &[("b/#", 1)]).await, vec![1]);
+        away.send(&disconnect_packet(None)).await;
+        drop(away);
+
+        std::fs::write(&file, "user alice\ntopic read a/#\ntopic deny b/#\n").unwrap();
+        node.reload_auth().await.unwrap();
+        // The re-check runs in the background: publish until `a/` arrives after it.
+        let (mut p, _) = Raw::connect_ok(addr, &ConnectOpts::v5("pub", true)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(publish1(&mut p, "b/1", false, 1, b"revoked").await, 0);
+        assert_eq!(publish1(&mut p, "a/1", false, 2, b"kept").await, 0);
+        let got = alice.expect_publish().await;
+        assert_eq!(got.payload, b"kept", "b/# was revoked by the reload");
+        assert!(alice.is_alive().await, "revoking does not disconnect");
+
+        // The offline session re-checks its subscriptions when it resumes.
+        let (mut back, ack) = Raw::connect_ok(addr, &persistent).await;
+        assert!(ack.session_present);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // What was queued while it was away was delivered under the old subscription;
+        // drain it, then nothing new comes.
+        while back.try_publish(QUIET).await.is_some() {}
+        assert_eq!(publish1(&mut p, "b/2", false, 3, b"after").await, 0);
+        assert!(back.try_publish(QUIET).await.is_none());
+        node.stop().await;
+    });
+}

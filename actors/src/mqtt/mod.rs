@@ -225,6 +225,13 @@ impl Gateway {
 
     /// Persist every live session's state and stop accepting work. Storage is shut down
     /// separately, after this.
+    /// Re-check every live session's subscriptions against the authorization hooks and
+    /// drop the denied ones (after an ACL reload). Returns at once; the sessions check
+    /// in the background.
+    pub fn reauthorize(&self) {
+        self.inner.registry.do_send(session::Reauthorize);
+    }
+
     pub async fn shutdown(&self) {
         let _ = self.inner.registry.send(registry::Shutdown).await;
     }

@@ -524,6 +524,18 @@ impl Handler<Unregister> for ClientRegistry {
     }
 }
 
+impl Handler<super::session::Reauthorize> for ClientRegistry {
+    type Result = ();
+
+    /// Passed on to every live session (`do_send`: one message each per reload, past
+    /// a full mailbox too, so that no session keeps a revoked subscription).
+    fn handle(&mut self, _: super::session::Reauthorize, _: &mut Context<Self>) {
+        for live in self.live.values() {
+            live.addr.do_send(super::session::Reauthorize);
+        }
+    }
+}
+
 impl Handler<Count> for ClientRegistry {
     type Result = usize;
     fn handle(&mut self, _: Count, _: &mut Context<Self>) -> usize {

@@ -4,8 +4,9 @@
 //!   topic aliases, its subscriptions and their read offsets (one queue per
 //!   subscription), the outbound in-flight window, and inbound QoS 2 packet ids.
 //! * **Handles** [`Frames`] and [`ReadEnded`] (its reader task), [`Drained`] (its writer
-//!   task), [`Arrived`] (a `Notifier`: new entries in a queue it watches), [`Takeover`]
-//!   and [`ServerShutdown`] (the `ClientRegistry`).
+//!   task), [`Arrived`] (a `Notifier`: new entries in a queue it watches), [`Takeover`],
+//!   [`ServerShutdown`] and [`Reauthorize`] (the `ClientRegistry`; after an ACL reload
+//!   it drops the subscriptions the hooks now deny).
 //! * **Inbound path.** Packets go through one ordered pipeline: consecutive PUBLISHes are
 //!   routed (cached routes, re-asked from the `SubscriptionShard`s when the route epoch
 //!   moves) and appended to the `CommitLog` as a batch; acknowledgements (PUBACK, PUBREC)
@@ -54,6 +55,13 @@ use crate::storage::{
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Frames(pub Vec<Inbound>);
+
+/// Ask the authorization hooks again about every subscription and drop those they now
+/// deny (from the `ClientRegistry` after an ACL reload; and by a resumed session to
+/// itself, since its subscriptions were allowed for an earlier connection).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Reauthorize;
 
 /// The reader task stopped: end of stream (`None`) or a decode/IO error.
 #[derive(Message)]
@@ -633,6 +641,10 @@ impl MqttSession {
 
     /// Continue a persistent session: watch its queues and resend what was in flight.
     fn resume(&mut self, state: SessionState, ctx: &mut Context<Self>) {
+        if !state.subs.is_empty() && self.gw.inner.hooks.has_authorize() {
+            // Allowed for an earlier connection, perhaps another user or ACL.
+            ctx.notify(Reauthorize);
+        }
         for s in state.subs {
             let queue = QueueName(s.queue.as_str().into());
             self.watch(&queue, ctx);
@@ -1426,25 +1438,33 @@ impl MqttSession {
         }));
     }
 
+    /// Drop the subscription `raw`: stop watching and routing to its queue. False if
+    /// there was none.
+    fn remove_subscription(&mut self, raw: String) -> bool {
+        let Some(sub) = self.subs.remove(&raw) else {
+            return false;
+        };
+        self.by_queue.remove(&sub.queue);
+        self.unwatch(&sub.queue);
+        registry::remove_routes(&self.gw, &self.client_id, &[sub.state]);
+        if self.gw.inner.hooks.has_events() {
+            self.gw.inner.hooks.emit(Event::Unsubscribed {
+                client_id: self.client_id.to_string(),
+                filter: raw,
+            });
+        }
+        true
+    }
+
     fn unsubscribe(&mut self, packet_id: u16, filters: Vec<String>, ctx: &mut Context<Self>) {
         let mut codes = Vec::with_capacity(filters.len());
         for raw in filters {
-            match self.subs.remove(&raw) {
-                Some(sub) => {
-                    self.by_queue.remove(&sub.queue);
-                    self.unwatch(&sub.queue);
-                    registry::remove_routes(&self.gw, &self.client_id, &[sub.state]);
-                    codes.push(0x00);
-                    if self.gw.inner.hooks.has_events() {
-                        self.gw.inner.hooks.emit(Event::Unsubscribed {
-                            client_id: self.client_id.to_string(),
-                            filter: raw,
-                        });
-                    }
-                }
-                // v5 0x11: No subscription existed.
-                None => codes.push(0x11),
-            }
+            // v5 0x11: No subscription existed.
+            codes.push(if self.remove_subscription(raw) {
+                0x00
+            } else {
+                0x11
+            });
         }
         self.dirty = true;
         self.persist_then(ctx, move |act, ctx| {
@@ -1907,6 +1927,52 @@ impl Handler<Arrived> for MqttSession {
             }
         }
         self.try_pull(&m.queue, ctx);
+    }
+}
+
+impl Handler<Reauthorize> for MqttSession {
+    type Result = ();
+
+    fn handle(&mut self, _: Reauthorize, ctx: &mut Context<Self>) {
+        let hooks = self.gw.inner.hooks.clone();
+        if self.phase != Phase::Connected || self.subs.is_empty() || !hooks.has_authorize() {
+            return;
+        }
+        let client_id = self.client_id.to_string();
+        let username = self.username.as_deref().map(String::from);
+        let held: Vec<(String, u8)> = self
+            .subs
+            .iter()
+            .map(|(raw, sub)| (raw.clone(), sub.state.qos))
+            .collect();
+        let fut = async move {
+            let mut denied = Vec::new();
+            for (filter, qos) in held {
+                let ask = Authorize {
+                    client_id: client_id.clone(),
+                    username: username.clone(),
+                    action: Action::Subscribe {
+                        filter: filter.clone(),
+                        qos,
+                    },
+                };
+                if !hooks.authorize(ask).await {
+                    denied.push(filter);
+                }
+            }
+            denied
+        };
+        ctx.spawn(fut.into_actor(self).map(|denied, act, _| {
+            // MQTT has no server-side unsubscribe: the client is not told, it simply
+            // receives nothing more on these filters (as with Mosquitto, which checks
+            // the ACL on every delivery).
+            for raw in denied {
+                if act.remove_subscription(raw.clone()) {
+                    slog::info!(act.log, "subscription revoked by the ACL"; "filter" => raw);
+                    act.dirty = true;
+                }
+            }
+        }));
     }
 }
 
