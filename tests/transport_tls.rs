@@ -2,7 +2,7 @@
 //! rcgen at test time: rumqttc (with rustls) for QoS 1, retained messages and wills on
 //! both; TLS <-> TCP; mutual TLS (a client certificate from the configured CA is
 //! required, its CN is readable); and handshakes that fail or never finish, which close
-//! only their own connection.
+//! only their own connection; and the certificate CN as the user name for login and ACL.
 
 mod transport;
 
@@ -182,4 +182,66 @@ fn tls_listener_needs_its_files_and_reports_bad_ones() {
     };
     assert!(message.contains("listener.tls"), "{message}");
     assert!(message.contains("nope.crt"), "{message}");
+}
+
+#[tokio::test]
+async fn the_client_certificate_cn_logs_in_and_is_the_acl_username() {
+    let certs = Certs::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl");
+    std::fs::write(
+        &acl,
+        "pattern readwrite devices/%u/#\nuser admin\ntopic read #\n",
+    )
+    .unwrap();
+    let passwd = dir.path().join("passwd");
+    let hash = actimq::auth::password::hash_password(b"secret").unwrap();
+    std::fs::write(&passwd, format!("admin:{hash}\n")).unwrap();
+    let node = start(&dir.path().join("data"), None, |c| {
+        certs.enable(c, true);
+        c.auth.allow_anonymous = false;
+        c.auth.password_file = passwd.clone();
+        c.auth.acl_file = acl.clone();
+        c.auth.acl_default = actimq::config::AclDefault::Deny;
+    });
+    // Plain TCP has no certificate: no credentials, no entry.
+    let tcp = Via::Tcp(node.mqtt_addr());
+    assert!(Client::try_connect(tcp.options("anonymous")).await.is_err());
+    let mut o = tcp.options("admin");
+    o.set_credentials("admin", "secret");
+    let mut admin = Client::connect(o).await;
+    admin.subscribe("devices/#", QoS::AtLeastOnce).await;
+
+    for via in tls_and_wss(&node, &certs, true) {
+        let name = via.name();
+        // No user name or password in CONNECT: the certificate (CN device-42) logs in.
+        let mut dev = Client::over(&via, &format!("{name}-dev"), None).await;
+        dev.publish_acked("devices/device-42/temp", name.as_bytes(), false)
+            .await;
+        let got = admin.expect_publish().await;
+        assert_eq!(got.topic, "devices/device-42/temp");
+        assert_eq!(&got.payload[..], name.as_bytes());
+        // `%u` is the CN: another device's topics are refused (3.1.1: acknowledged and
+        // dropped).
+        dev.publish_acked("devices/device-7/temp", b"spoofed", false)
+            .await;
+        assert!(admin.publish_within_quiet().await.is_none(), "{name}");
+        // A user name in CONNECT does not override the certificate (Mosquitto's
+        // use_identity_as_username): claiming to be admin gains nothing.
+        let mut o = via.options(&format!("{name}-claims-admin"));
+        o.set_credentials("admin", "wrong");
+        let mut claimer = Client::connect(o).await;
+        claimer
+            .publish_acked("devices/device-7/temp", b"claimed", false)
+            .await;
+        claimer
+            .publish_acked("devices/device-42/temp", b"as-cn", false)
+            .await;
+        let got = admin.expect_publish().await;
+        assert_eq!(
+            &got.payload[..],
+            b"as-cn",
+            "{name}: only the CN's topic passed"
+        );
+    }
 }
