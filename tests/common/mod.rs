@@ -637,6 +637,18 @@ impl Raw {
         }
     }
 
+    /// A raw client over a stream connected elsewhere (for instance with socket
+    /// options that must be set before connecting).
+    pub fn from_stream(stream: TcpStream) -> Raw {
+        Raw {
+            stream,
+            buf: Vec::new(),
+            pending: VecDeque::new(),
+            closed: false,
+            v5: false,
+        }
+    }
+
     /// Open, send `opts`' CONNECT and wait for the CONNACK (whatever its code).
     pub async fn connect(addr: SocketAddr, opts: &ConnectOpts) -> (Raw, ConnAckPkt) {
         let mut raw = Raw::open(addr).await;
