@@ -236,7 +236,32 @@ pub fn decode_message(
 /// Used by recovery to resynchronise after a corrupt record in a sealed segment.
 /// The cheap header tests (version, flags, length bound) run before the crc, so the scan
 /// is close to linear on garbage.
+///
+/// Payloads are client data, so a payload may be full of plausible fake headers, each
+/// claiming a long body: checking each would be quadratic (2 MiB of them took 2.4 s).
+/// The crc work is therefore capped at [`RESYNC_BUDGET_FACTOR`] times the bytes to scan
+/// plus [`RESYNC_BUDGET_MIN`]; past it the scan gives up (`None`: the rest is reported
+/// unreadable), which real corruption, with rare plausible headers, never reaches.
 pub fn find_next_valid(buf: &[u8], from: usize, max_record_bytes: usize) -> Option<usize> {
+    find_next_valid_counted(buf, from, max_record_bytes).0
+}
+
+/// Crc work allowed for one resync, per byte scanned.
+pub const RESYNC_BUDGET_FACTOR: usize = 16;
+/// Crc work always allowed for one resync, in bytes.
+pub const RESYNC_BUDGET_MIN: usize = 64 << 20;
+
+/// [`find_next_valid`], also answering how many bytes it checksummed.
+fn find_next_valid_counted(
+    buf: &[u8],
+    from: usize,
+    max_record_bytes: usize,
+) -> (Option<usize>, usize) {
+    let scanned = buf.len().saturating_sub(from);
+    let budget = scanned
+        .saturating_mul(RESYNC_BUDGET_FACTOR)
+        .saturating_add(RESYNC_BUDGET_MIN);
+    let mut spent = 0usize;
     let mut at = from;
     while at + HEADER_LEN <= buf.len() {
         let h = &buf[at..];
@@ -245,13 +270,18 @@ pub fn find_next_valid(buf: &[u8], from: usize, max_record_bytes: usize) -> Opti
             && h[9] & !KNOWN_FLAGS == 0
             && len <= max_record_bytes
             && HEADER_LEN + len <= h.len()
-            && check(h, max_record_bytes).is_ok()
         {
-            return Some(at);
+            spent = spent.saturating_add(len);
+            if spent > budget {
+                return (None, spent - len);
+            }
+            if check(h, max_record_bytes).is_ok() {
+                return (Some(at), spent);
+            }
         }
         at += 1;
     }
-    None
+    (None, spent)
 }
 
 /// FNV-1a of a topic: the `tag` stored in index entries (lets a reader skip records of
@@ -398,6 +428,34 @@ mod tests {
             decode(&Bytes::from(b), 1 << 20),
             Err(RecordError::Body(_))
         ));
+    }
+
+    #[test]
+    fn resync_over_crafted_fake_headers_is_bounded() {
+        // A payload could hold a plausible header at every 16th byte, each claiming the
+        // rest of the buffer: without a budget, 2^16 checks of up to 1 MiB each.
+        let n = 1 << 20;
+        let mut buf = vec![0u8; n];
+        for at in (0..n - HEADER_LEN).step_by(16) {
+            let len = (n - at - HEADER_LEN) as u32;
+            buf[at..at + 4].copy_from_slice(&len.to_le_bytes());
+            buf[at + 8] = VERSION;
+        }
+        let (found, spent) = find_next_valid_counted(&buf, 1, 16 << 20);
+        assert_eq!(found, None);
+        assert!(
+            spent <= n * RESYNC_BUDGET_FACTOR + RESYNC_BUDGET_MIN,
+            "{spent}"
+        );
+        // A real record after a little such garbage is still found.
+        let mut buf = vec![0u8; 4096];
+        for at in (0..4000).step_by(16) {
+            buf[at..at + 4].copy_from_slice(&100u32.to_le_bytes());
+            buf[at + 8] = VERSION;
+        }
+        let at = buf.len();
+        encode_into(&mut buf, &msg(b"real"), &[], 1 << 20).unwrap();
+        assert_eq!(find_next_valid(&buf, 1, 1 << 20), Some(at));
     }
 
     #[test]
