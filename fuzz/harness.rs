@@ -542,6 +542,8 @@ fn requests() -> Vec<(&'static str, Request)> {
             Request::Hello {
                 id: 1,
                 name: "svc".into(),
+                username: Some("alice".into()),
+                password: Some(b"s3cret".to_vec()),
             },
         ),
         (

@@ -5,16 +5,27 @@
 //! Both are async (tokio) and reconnect when the connection is lost: the request that
 //! failed is sent again once on the new connection (a producer may then store a
 //! message twice: delivery is at least once), and a consumer re-joins its group and
-//! resumes from the group's committed offsets.
+//! resumes from the group's committed offsets. Every connection starts with a `Hello`
+//! carrying the [`Credentials`] of the options (none for [`Producer::connect`] and
+//! [`Consumer::connect`]); a refused login is [`ClientError::Server`] with
+//! [`ErrorCode::BadCredentials`] (or `RateLimited`, `Unavailable`), and a message or
+//! Join the ACL refuses is [`ErrorCode::NotAuthorized`].
 //!
 //! ```no_run
 //! # async fn demo(addr: std::net::SocketAddr) -> Result<(), actimq::client::ClientError> {
-//! use actimq::client::{message, Consumer, ProduceMessageExt, Producer};
+//! use actimq::client::{message, Consumer, ConsumerOptions, ProduceMessageExt, Producer};
+//! use actimq::client::{Credentials, ProducerOptions};
 //! let mut p = Producer::connect(addr, "billing").await?;
 //! p.send(message("home/room1/cmd", b"on".to_vec()).qos(1)).await?;
 //! let mut c = Consumer::connect(addr, "analytics", "home").await?;
 //! let batch = c.poll(100, std::time::Duration::from_secs(1)).await?;
 //! c.commit(&batch).await?;
+//! // On a node with `[auth] allow_anonymous = false`:
+//! let login = Credentials::new("billing", "s3cret");
+//! let opts = ProducerOptions::new("billing").credentials(login.clone());
+//! let mut p = Producer::connect_with(addr, opts).await?;
+//! let opts = ConsumerOptions::new("analytics", "home").credentials(login);
+//! let mut c = Consumer::connect_with(addr, opts).await?;
 //! # Ok(()) }
 //! ```
 
@@ -47,6 +58,34 @@ pub enum ClientError {
     /// The server answered something this client did not expect.
     #[error("unexpected answer: {0}")]
     Protocol(String),
+}
+
+/// What a client logs in with (the `Hello`'s user name and password). The default is
+/// none: an anonymous client, which a node admits only with `allow_anonymous`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: Option<String>,
+    pub password: Option<Vec<u8>>,
+}
+
+impl Credentials {
+    /// A user name and its password.
+    pub fn new(username: impl Into<String>, password: impl AsRef<[u8]>) -> Credentials {
+        Credentials {
+            username: Some(username.into()),
+            password: Some(password.as_ref().to_vec()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Credentials {
+    // Never prints the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 /// A message for `topic` (a first-level topic or a full MQTT topic) at QoS 0.
@@ -141,12 +180,24 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(250);
 struct Link {
     addr: SocketAddr,
     name: String,
+    credentials: Credentials,
     conn: Option<Conn>,
     next_id: u64,
     partitions: u32,
 }
 
 impl Link {
+    fn new(addr: SocketAddr, name: String, credentials: Credentials) -> Link {
+        Link {
+            addr,
+            name,
+            credentials,
+            conn: None,
+            next_id: 0,
+            partitions: 0,
+        }
+    }
+
     fn id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -165,6 +216,8 @@ impl Link {
                     let hello = Request::Hello {
                         id,
                         name: self.name.clone(),
+                        username: self.credentials.username.clone(),
+                        password: self.credentials.password.clone(),
                     };
                     match c.call(&hello).await {
                         Ok(Response::HelloOk { partitions, .. }) => {
@@ -190,7 +243,12 @@ impl Link {
     async fn try_call(&mut self, req: &Request) -> Option<Response> {
         let conn = self.conn.as_mut()?;
         match conn.call(req).await {
-            Ok(r) => Some(r),
+            Ok(r) => {
+                if matches!(&r, Response::Error { code, .. } if code.closes_connection()) {
+                    self.conn = None;
+                }
+                Some(r)
+            }
             Err(_) => {
                 self.conn = None;
                 None
@@ -206,22 +264,50 @@ fn unexpected(r: Response) -> ClientError {
     }
 }
 
+/// Options of a [`Producer`].
+#[derive(Clone, Debug)]
+pub struct ProducerOptions {
+    /// The publisher id consumers and devices see, the default partition key, and the
+    /// client id the node's ACL sees (`client` sections, `%c`).
+    pub name: String,
+    /// What the producer logs in with.
+    pub credentials: Credentials,
+}
+
+impl ProducerOptions {
+    /// A producer named `name`, without credentials.
+    pub fn new(name: impl Into<String>) -> ProducerOptions {
+        ProducerOptions {
+            name: name.into(),
+            credentials: Credentials::default(),
+        }
+    }
+
+    /// Log in with `credentials`.
+    pub fn credentials(mut self, credentials: Credentials) -> ProducerOptions {
+        self.credentials = credentials;
+        self
+    }
+}
+
 /// Produces messages to a node.
 pub struct Producer {
     link: Link,
 }
 
 impl Producer {
-    /// Connect to the service listener at `addr`; `name` is the publisher id that
-    /// consumers and devices see (and the default partition key).
+    /// Connect to the service listener at `addr` without credentials; `name` is the
+    /// publisher id that consumers and devices see (and the default partition key).
     pub async fn connect(addr: SocketAddr, name: &str) -> Result<Producer, ClientError> {
-        let mut link = Link {
-            addr,
-            name: name.to_string(),
-            conn: None,
-            next_id: 0,
-            partitions: 0,
-        };
+        Producer::connect_with(addr, ProducerOptions::new(name)).await
+    }
+
+    /// Connect with explicit options (credentials).
+    pub async fn connect_with(
+        addr: SocketAddr,
+        opts: ProducerOptions,
+    ) -> Result<Producer, ClientError> {
+        let mut link = Link::new(addr, opts.name, opts.credentials);
         link.connect().await?;
         Ok(Producer { link })
     }
@@ -274,8 +360,44 @@ pub struct ConsumerOptions {
     pub topic: String,
     /// Where the group starts on partitions it has never committed.
     pub start: StartAt,
-    /// Client name (logged by the node).
+    /// Client name: logged by the node, and the client id its ACL sees (`client`
+    /// sections, `%c`).
     pub name: String,
+    /// What the consumer logs in with.
+    pub credentials: Credentials,
+}
+
+impl ConsumerOptions {
+    /// Group `group` on first-level topic `topic`, from the earliest message, named
+    /// `consumer-{group}`, without credentials.
+    pub fn new(group: impl Into<String>, topic: impl Into<String>) -> ConsumerOptions {
+        let group = group.into();
+        ConsumerOptions {
+            name: format!("consumer-{group}"),
+            group,
+            topic: topic.into(),
+            start: StartAt::Earliest,
+            credentials: Credentials::default(),
+        }
+    }
+
+    /// Where the group starts on partitions it has never committed.
+    pub fn start(mut self, start: StartAt) -> ConsumerOptions {
+        self.start = start;
+        self
+    }
+
+    /// The client name.
+    pub fn name(mut self, name: impl Into<String>) -> ConsumerOptions {
+        self.name = name.into();
+        self
+    }
+
+    /// Log in with `credentials`.
+    pub fn credentials(mut self, credentials: Credentials) -> ConsumerOptions {
+        self.credentials = credentials;
+        self
+    }
 }
 
 /// A member of a consumer group on one first-level topic.
@@ -287,38 +409,23 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    /// Join `group` on first-level topic `topic`, starting at the earliest message on
-    /// partitions the group has never committed.
+    /// Join `group` on first-level topic `topic` without credentials, starting at the
+    /// earliest message on partitions the group has never committed.
     pub async fn connect(
         addr: SocketAddr,
         group: &str,
         topic: &str,
     ) -> Result<Consumer, ClientError> {
-        Consumer::connect_with(
-            addr,
-            ConsumerOptions {
-                group: group.into(),
-                topic: topic.into(),
-                start: StartAt::Earliest,
-                name: format!("consumer-{group}"),
-            },
-        )
-        .await
+        Consumer::connect_with(addr, ConsumerOptions::new(group, topic)).await
     }
 
-    /// Join with explicit options.
+    /// Join with explicit options (credentials, start, name).
     pub async fn connect_with(
         addr: SocketAddr,
         opts: ConsumerOptions,
     ) -> Result<Consumer, ClientError> {
         let mut c = Consumer {
-            link: Link {
-                addr,
-                name: opts.name.clone(),
-                conn: None,
-                next_id: 0,
-                partitions: 0,
-            },
+            link: Link::new(addr, opts.name.clone(), opts.credentials.clone()),
             opts,
             owned: Vec::new(),
             joined: false,
@@ -359,7 +466,20 @@ impl Consumer {
                 return Ok(None);
             };
             match self.link.try_call(&req).await {
-                Some(r) => return Ok(Some(r)),
+                Some(r) => {
+                    // Dropped from the group (an ACL reload, say): join again next time,
+                    // which tells whether the group is still allowed.
+                    if matches!(
+                        &r,
+                        Response::Error {
+                            code: ErrorCode::NotMember,
+                            ..
+                        }
+                    ) {
+                        self.joined = false;
+                    }
+                    return Ok(Some(r));
+                }
                 None if attempt == 0 => continue,
                 None => break,
             }

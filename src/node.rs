@@ -449,6 +449,7 @@ impl NodeBuilder {
         Ok(NodeHandle {
             storage,
             gateway,
+            service,
             addrs,
             shutdown,
             accept_loops,
@@ -466,6 +467,8 @@ pub struct NodeHandle {
     storage: Storage,
     /// The MQTT gateway, for in-process users and to shut sessions down.
     gateway: Gateway,
+    /// The service gateway, to re-check its consumer groups after an ACL reload.
+    service: Service,
     /// Where the listeners really listen (ports are known only after binding).
     addrs: BoundAddrs,
     /// Tells every accept loop to stop (also when dropped).
@@ -539,6 +542,7 @@ impl NodeHandle {
             if matches!(reloaded, Ok(Ok(_))) {
                 // Subscriptions made under the old rules are checked under the new ones.
                 self.gateway.reauthorize();
+                self.service.reauthorize();
             }
             note("acl_file", reloaded);
         }

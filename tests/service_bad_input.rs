@@ -57,6 +57,8 @@ async fn bad_frames_close_only_their_connection() {
     let mut f = encode_frame(&Request::Hello {
         id: 1,
         name: "x".into(),
+        username: None,
+        password: None,
     });
     f[4] = VERSION + 1;
     expect_error_and_close(addr, &f, ErrorCode::UnsupportedVersion).await;
@@ -98,6 +100,8 @@ async fn bad_frames_close_only_their_connection() {
     s.write_all(&encode_frame(&Request::Hello {
         id: 11,
         name: "ok".into(),
+        username: None,
+        password: None,
     }))
     .await
     .unwrap();

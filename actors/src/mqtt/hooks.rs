@@ -8,7 +8,9 @@
 //! * **Who sends**: `MqttSession` sends [`Authenticate`] (CONNECT, before the client is
 //!   registered), [`Authorize`] (each PUBLISH, each SUBSCRIBE filter, the will at
 //!   CONNECT), [`OnPublish`] (before the append; also `Gateway::publish_batch`), and
-//!   [`Event`]s; the `ClientRegistry` sends [`Event::SessionExpired`].
+//!   [`Event`]s; the `ClientRegistry` sends [`Event::SessionExpired`]. The service
+//!   gateway's `ServerSession` sends [`Authenticate`] (Hello, with
+//!   [`PROTOCOL_SERVICE`]) and [`Authorize`] (each produced message, each Join).
 //! * **Order and answers**: decision hooks run in registration order; the first `Allow`
 //!   or `Deny` decides, `Next` asks the next one, and when every hook says `Next` the
 //!   action is allowed.
@@ -29,7 +31,12 @@ use bytes::Bytes;
 
 use crate::storage::Message;
 
+/// [`Authenticate::protocol`] of a service-protocol login (a `Hello` on the service
+/// listener; MQTT protocol levels are 3 to 5). `client_id` is then the service's name.
+pub const PROTOCOL_SERVICE: u8 = 0;
+
 /// Asked on CONNECT, before the client id is registered: may this client connect?
+/// Also asked for a service's `Hello` ([`PROTOCOL_SERVICE`]).
 #[derive(Message, Debug, Clone)]
 #[rtype(result = "AuthDecision")]
 pub struct Authenticate {
@@ -39,7 +46,7 @@ pub struct Authenticate {
     pub peer: SocketAddr,
     /// The verified TLS client certificate's CN, when its listener has `cn_as_username`.
     pub cert_username: Option<String>,
-    /// Protocol level: 3 (3.1), 4 (3.1.1) or 5.
+    /// Protocol level: 3 (3.1), 4 (3.1.1) or 5; [`PROTOCOL_SERVICE`] for a service.
     pub protocol: u8,
 }
 

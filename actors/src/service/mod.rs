@@ -6,7 +6,9 @@
 //! * [`group::GroupCoordinator`]: consumer-group membership and partition assignment.
 //!
 //! Produce goes through [`crate::mqtt::Gateway::publish_batch`] (the same route, retain
-//! and append path as a device PUBLISH). Consumers read the first-level topic queues
+//! and append path as a device PUBLISH). Logins and the ACL are the gateway's hooks
+//! ([`crate::mqtt::Gateway::hooks`]): a Hello is an `Authenticate`, each produced
+//! message and each Join an `Authorize`. Consumers read the first-level topic queues
 //! `t:{topic}` / `t:{topic}#{p}` (`mqtt.partitions` of them per first-level topic) with
 //! offsets committed per (group, partition) in the `OffsetStore`.
 
@@ -58,6 +60,9 @@ pub(crate) struct ServiceInner {
     pub gateway: Gateway,
     pub coordinator: Addr<group::GroupCoordinator>,
     pub next_member: AtomicU64,
+    /// Bumped by [`Service::reauthorize`]; a session whose memberships were checked
+    /// at an older value checks them again.
+    pub acl_epoch: AtomicU64,
     pub log: slog::Logger,
 }
 
@@ -72,6 +77,7 @@ impl Service {
                 gateway,
                 coordinator,
                 next_member: AtomicU64::new(1),
+                acl_epoch: AtomicU64::new(0),
                 log,
             }),
         }
@@ -84,6 +90,17 @@ impl Service {
         S: AsyncRead + AsyncWrite + Unpin + 'static,
     {
         session::ServerSession::spawn(self.clone(), io, peer);
+    }
+
+    /// Re-check every connection's consumer-group memberships against the
+    /// authorization hooks (after an ACL reload): each connection does so before its
+    /// next request and before it pulls again, and leaves the groups now denied.
+    pub fn reauthorize(&self) {
+        self.inner.acl_epoch.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn acl_epoch(&self) -> u64 {
+        self.inner.acl_epoch.load(Ordering::Relaxed)
     }
 
     pub(crate) fn next_member(&self) -> u64 {

@@ -12,16 +12,20 @@
 //!
 //! The body is a [`Request`] (client → server) or a [`Response`] (server → client).
 //! The version byte is read before the body, so a frame of an unknown version is
-//! answered with [`ErrorCode::UnsupportedVersion`] (in a version-1 frame) and the
-//! connection is closed. A frame that is too large or whose body does not decode is
+//! answered with [`ErrorCode::UnsupportedVersion`] (in the client's own version when it
+//! is an older one, see [`OLDEST_VERSION`]) and the connection is closed. A frame that is too large or whose body does not decode is
 //! answered with [`ErrorCode::FrameTooLarge`] / [`ErrorCode::BadFrame`] and the
 //! connection is closed. Requests are answered in order, one at a time.
 
 use bincode::{Decode, Encode};
 use bytes::{Buf, BufMut, BytesMut};
 
-/// The protocol version this code speaks.
-pub const VERSION: u8 = 1;
+/// The protocol version this code speaks. 2: `Hello` carries credentials (1 had none).
+pub const VERSION: u8 = 2;
+/// The oldest version whose clients can read this server's unsupported-version error:
+/// [`Response::Error`] and [`ErrorCode::UnsupportedVersion`] are encoded the same in
+/// every version since, so that error goes back in the client's own version.
+pub const OLDEST_VERSION: u8 = 1;
 /// Bytes of the length prefix.
 pub const LEN_BYTES: usize = 4;
 /// Hard upper bound on a frame (and on what bincode may allocate while decoding one).
@@ -91,8 +95,18 @@ pub enum SeekTo {
 /// Client → server. Every request carries an `id` that its answer repeats.
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub enum Request {
-    /// Optional first request: names the service (the publisher id of what it produces).
-    Hello { id: u64, name: String },
+    /// First request: names the service (the publisher id of what it produces, and
+    /// the client id the authentication and ACL hooks see) and logs in. Optional
+    /// when the node admits anonymous clients; otherwise every other request before
+    /// an accepted Hello is answered [`ErrorCode::LoginRequired`]. A refused login is
+    /// answered with an error that closes the connection
+    /// ([`ErrorCode::closes_connection`]).
+    Hello {
+        id: u64,
+        name: String,
+        username: Option<String>,
+        password: Option<Vec<u8>>,
+    },
     /// Store messages (in order) and route them like MQTT publishes. Answered with
     /// [`Response::Produced`] once every message is durable.
     Produce {
@@ -187,6 +201,34 @@ pub enum ErrorCode {
     NotOwner,
     /// Storage refused or is shutting down.
     Storage,
+    /// A request other than Hello before an accepted Hello, on a node that does not
+    /// admit anonymous clients; the connection stays open (send Hello).
+    LoginRequired,
+    /// Hello refused: unknown user, wrong password, no credentials where they are
+    /// required, or another refusal by an authentication hook (connection closed).
+    BadCredentials,
+    /// Hello refused: too many failed logins from this address (connection closed).
+    RateLimited,
+    /// Hello refused: an authentication hook failed or timed out (connection closed).
+    Unavailable,
+    /// The ACL (authorization hooks) refused a Produce or a Join; the connection stays
+    /// open and nothing of the request was done.
+    NotAuthorized,
+}
+
+impl ErrorCode {
+    /// Whether the server closes the connection after an error with this code.
+    pub fn closes_connection(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::UnsupportedVersion
+                | ErrorCode::BadFrame
+                | ErrorCode::FrameTooLarge
+                | ErrorCode::BadCredentials
+                | ErrorCode::RateLimited
+                | ErrorCode::Unavailable
+        )
+    }
 }
 
 /// Server → client.
@@ -260,8 +302,14 @@ impl FrameError {
 
 /// Encode `body` as one whole frame (length, version, bincode).
 pub fn encode_frame<T: Encode>(body: &T) -> Vec<u8> {
+    encode_frame_as(body, VERSION)
+}
+
+/// [`encode_frame`] with another version byte: only for a body whose encoding that
+/// version shares (the unsupported-version error, see [`OLDEST_VERSION`]).
+pub fn encode_frame_as<T: Encode>(body: &T, version: u8) -> Vec<u8> {
     let mut out = vec![0u8; LEN_BYTES + 1];
-    out[LEN_BYTES] = VERSION;
+    out[LEN_BYTES] = version;
     // Encoding into a Vec cannot fail for these types (no limit is hit on encode).
     if let Ok(b) = bincode::encode_to_vec(body, bincode::config::standard()) {
         out.extend_from_slice(&b);
@@ -269,6 +317,22 @@ pub fn encode_frame<T: Encode>(body: &T) -> Vec<u8> {
     let len = (out.len() - LEN_BYTES) as u32;
     out[..LEN_BYTES].copy_from_slice(&len.to_be_bytes());
     out
+}
+
+/// The error frame (id 0) that answers a frame that could not be decoded. An
+/// unsupported version from [`OLDEST_VERSION`] on is answered in that version, so that
+/// an older client can read why it is refused.
+pub fn error_frame(e: &FrameError) -> Vec<u8> {
+    let version = match e {
+        FrameError::Version(v) if (OLDEST_VERSION..VERSION).contains(v) => *v,
+        _ => VERSION,
+    };
+    let body = Response::Error {
+        id: 0,
+        code: e.code(),
+        message: e.to_string(),
+    };
+    encode_frame_as(&body, version)
 }
 
 /// Decode a frame's content (version byte + body, without the length prefix).
@@ -363,19 +427,21 @@ mod tests {
         }
     }
 
+    fn hello() -> Request {
+        Request::Hello {
+            id: 1,
+            name: "svc".into(),
+            username: Some("alice".into()),
+            password: Some(b"pw".to_vec()),
+        }
+    }
+
     #[test]
     fn round_trip_in_pieces() {
         let mut c = FrameCodec::<Request>::new(1 << 20);
         let mut buf = BytesMut::new();
         c.encode(&produce(), &mut buf).unwrap();
-        c.encode(
-            &Request::Hello {
-                id: 1,
-                name: "svc".into(),
-            },
-            &mut buf,
-        )
-        .unwrap();
+        c.encode(&hello(), &mut buf).unwrap();
         let all = buf.split().freeze();
         let mut src = BytesMut::new();
         let mut got = Vec::new();
@@ -385,16 +451,7 @@ mod tests {
                 got.push(r);
             }
         }
-        assert_eq!(
-            got,
-            vec![
-                produce(),
-                Request::Hello {
-                    id: 1,
-                    name: "svc".into()
-                }
-            ]
-        );
+        assert_eq!(got, vec![produce(), hello()]);
         assert_eq!(got[0].id(), 7);
     }
 
@@ -408,10 +465,7 @@ mod tests {
             ErrorCode::FrameTooLarge
         );
         // unknown version
-        let mut f = encode_frame(&Request::Hello {
-            id: 1,
-            name: "x".into(),
-        });
+        let mut f = encode_frame(&hello());
         f[LEN_BYTES] = 9;
         let mut src = BytesMut::from(&f[..]);
         assert_eq!(
@@ -455,5 +509,32 @@ mod tests {
         let f = encode_frame(&r);
         let back: Response = decode_body(&f[LEN_BYTES..]).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn an_older_client_reads_the_version_error_in_its_own_version() {
+        let mut c = FrameCodec::<Request>::new(1 << 20);
+        let mut f = encode_frame(&hello());
+        f[LEN_BYTES] = OLDEST_VERSION;
+        let e = c.decode(&mut BytesMut::from(&f[..])).unwrap_err();
+        let answer = error_frame(&e);
+        assert_eq!(answer[LEN_BYTES], OLDEST_VERSION);
+        // The body is what this version sends: the same bytes in both versions.
+        let mut now = answer.clone();
+        now[LEN_BYTES] = VERSION;
+        match decode_body::<Response>(&now[LEN_BYTES..]).unwrap() {
+            Response::Error { id: 0, code, .. } => {
+                assert_eq!(code, ErrorCode::UnsupportedVersion);
+                assert!(code.closes_connection());
+            }
+            other => panic!("{other:?}"),
+        }
+        // A newer (unknown) version gets this server's version.
+        f[LEN_BYTES] = VERSION + 1;
+        let e = c.decode(&mut BytesMut::from(&f[..])).unwrap_err();
+        assert_eq!(error_frame(&e)[LEN_BYTES], VERSION);
+        assert!(!ErrorCode::NotAuthorized.closes_connection());
+        assert!(!ErrorCode::LoginRequired.closes_connection());
+        assert!(ErrorCode::BadCredentials.closes_connection());
     }
 }

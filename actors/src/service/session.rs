@@ -1,14 +1,23 @@
 //! `ServerSession`: one back-end service connection on the service listener.
 //!
 //! * **Owns** the connection's state: the service's name (the publisher id of what it
-//!   produces), its consumer-group memberships with the partitions each owns and a read
-//!   cursor per owned partition, and the queues it watches for arrivals.
+//!   produces, and its client id for the hooks), its login, its consumer-group
+//!   memberships with the partitions each owns and a read cursor per owned partition,
+//!   and the queues it watches for arrivals.
 //! * **Handles** [`Incoming`] (a decoded request, from its IO task, which waits for the
 //!   answer before it reads the next frame), [`Arrived`] (from `Notifier`s: a partition
 //!   it watches grew) and [`Closed`] (its IO task ended: leave every group, unwatch).
 //!   Requests go to `Gateway::publish_batch` (produce), the `GroupCoordinator` (join,
 //!   leave, assignment), the `QueueIndex` shards (pull, bounds) and the `OffsetStore`
 //!   (commit, load).
+//! * **Login.** A `Hello` asks the gateway's authentication hooks ([`Authenticate`],
+//!   protocol [`PROTOCOL_SERVICE`], client id = the name), with their deadline and
+//!   failure policy; a refusal answers an error that closes the connection. Another
+//!   request before an accepted Hello asks them once about an anonymous client (as
+//!   an MQTT CONNECT without user name would): admitted, the connection goes on
+//!   without a Hello; refused, it is answered `LoginRequired` until a Hello succeeds.
+//!   Each produced message and each Join asks the authorization hooks ([`Authorize`]:
+//!   publish on the message's topic, subscribe to [`join_filter`]).
 //! * **Back-pressure.** One request at a time per connection: the IO task reads the
 //!   next frame only after writing the previous answer, so a service that produces
 //!   faster than storage acknowledges is paced through TCP, and a Pull answers at most
@@ -31,10 +40,11 @@ use tokio::sync::Notify;
 
 use super::group::{Assignment, GetAssignment, JoinGroup, LeaveGroup};
 use super::protocol::{
-    client_topic, encode_frame, Delivered, ErrorCode, FrameCodec, ProduceMessage, Props, Request,
-    Response, SeekTo, StartAt, Target, VERSION,
+    client_topic, encode_frame, error_frame, Delivered, ErrorCode, FrameCodec, ProduceMessage,
+    Props, Request, Response, SeekTo, StartAt, Target, VERSION,
 };
 use super::Service;
+use crate::mqtt::hooks::{Action, AuthDecision, Authenticate, Authorize, PROTOCOL_SERVICE};
 use crate::mqtt::topic;
 use crate::storage::{
     Arrived, Message, MessageProps, Offset, Pull, QueueName, StorageError, Unwatch, Watch,
@@ -55,6 +65,31 @@ pub fn group_owner(group: &str) -> String {
     format!("group:{group}")
 }
 
+/// The MQTT filter a Join on first-level topic `topic` is authorized as: the group
+/// reads every message whose first level is `topic` (`topic` itself included, which
+/// `topic/#` matches too), so an ACL grants it with `topic read {topic}/#` (or a
+/// wider filter) and refuses it when a denying rule overlaps, e.g. `{topic}/secret/#`.
+pub fn join_filter(topic: &str) -> String {
+    format!("{topic}/#")
+}
+
+/// QoS of the [`Action::Subscribe`] a Join is authorized as: a member receives each
+/// message at the QoS it was published with.
+const JOIN_QOS: u8 = 2;
+
+/// Where a connection is in its login.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Login {
+    /// Nothing asked yet.
+    Pending,
+    /// Admitted as an anonymous client without a Hello (a Hello may still follow).
+    Anonymous,
+    /// The hooks refuse anonymous clients: only a Hello is heard.
+    Required,
+    /// A Hello was accepted; another one is refused.
+    Done,
+}
+
 struct Membership {
     start: StartAt,
     generation: u64,
@@ -68,7 +103,14 @@ struct Membership {
 /// The connection state a request works on (taken out of the actor while it runs).
 struct Conn {
     svc: Service,
+    peer: SocketAddr,
+    log: slog::Logger,
     name: String,
+    /// The user name of the accepted Hello (what the ACL's `user` sections and `%u` see).
+    username: Option<String>,
+    login: Login,
+    /// The [`Service::acl_epoch`] the memberships were last authorized at.
+    acl_epoch: u64,
     member: u64,
     wake: Arc<Notify>,
     me: Recipient<Arrived>,
@@ -96,12 +138,18 @@ impl ServerSession {
             .log
             .new(slog::o!("actor" => "server_session", "peer" => peer.to_string()));
         let member = svc.next_member();
+        let acl_epoch = svc.acl_epoch();
         let max_frame = svc.inner.cfg.max_frame_bytes;
         let addr = ServerSession::create(|ctx| {
             let wake = Arc::new(Notify::new());
             let conn = Conn {
                 svc,
+                peer,
+                log: log.clone(),
                 name: format!("service-{member}"),
+                username: None,
+                login: Login::Pending,
+                acl_epoch,
                 member,
                 wake: wake.clone(),
                 me: ctx.address().recipient(),
@@ -199,8 +247,9 @@ fn error(id: u64, code: ErrorCode, message: impl Into<String>) -> Response {
     }
 }
 
-/// Reads frames, hands each to the actor, writes its answer; on a bad frame writes an
-/// error frame and closes this connection only.
+/// Reads frames, hands each to the actor, writes its answer; on a bad frame, or an
+/// answer whose code closes the connection (a refused login), writes the error frame
+/// and closes this connection only.
 async fn run_io<S>(mut io: S, addr: Addr<ServerSession>, max_frame: usize, log: slog::Logger)
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
@@ -217,6 +266,12 @@ where
                 if io.write_all(&encode_frame(&resp)).await.is_err() {
                     break;
                 }
+                if let Response::Error { code, .. } = resp {
+                    if code.closes_connection() {
+                        let _ = io.shutdown().await;
+                        break;
+                    }
+                }
             }
             Ok(None) => match io.read_buf(&mut buf).await {
                 Ok(0) | Err(_) => break,
@@ -224,9 +279,7 @@ where
             },
             Err(e) => {
                 slog::info!(log, "bad service frame; closing the connection"; "error" => %e);
-                let _ = io
-                    .write_all(&encode_frame(&error(0, e.code(), e.to_string())))
-                    .await;
+                let _ = io.write_all(&error_frame(&e)).await;
                 let _ = io.shutdown().await;
                 break;
             }
@@ -265,20 +318,127 @@ fn from_props(p: &MessageProps) -> Props {
     }
 }
 
+/// Ask the authentication hooks about this connection (allowed when there are none).
+async fn authenticate(
+    conn: &Conn,
+    client_id: &str,
+    username: Option<String>,
+    password: Option<Vec<u8>>,
+) -> AuthDecision {
+    let hooks = conn.svc.inner.gateway.hooks();
+    if !hooks.has_authenticate() {
+        return AuthDecision::Allow;
+    }
+    hooks
+        .authenticate(Authenticate {
+            client_id: client_id.to_string(),
+            username,
+            password: password.map(Bytes::from),
+            peer: conn.peer,
+            cert_username: None,
+            protocol: PROTOCOL_SERVICE,
+        })
+        .await
+}
+
+/// Ask the authorization hooks whether this connection may do `action`.
+async fn authorize(conn: &Conn, action: Action) -> bool {
+    let hooks = conn.svc.inner.gateway.hooks();
+    !hooks.has_authorize()
+        || hooks
+            .authorize(Authorize {
+                client_id: conn.name.clone(),
+                username: conn.username.clone(),
+                action,
+            })
+            .await
+}
+
+/// The answer to a Hello the authentication hooks refused with (v5 CONNACK) `code`.
+fn login_refused(id: u64, code: u8, had_user: bool) -> Response {
+    let (ec, why) = match code {
+        0x9F => (
+            ErrorCode::RateLimited,
+            "too many failed logins from this address",
+        ),
+        0x88 | 0x89 => (ErrorCode::Unavailable, "authentication is unavailable"),
+        0x87 if !had_user => (ErrorCode::BadCredentials, "credentials are required"),
+        0x86 | 0x87 => (ErrorCode::BadCredentials, "bad user name or password"),
+        _ => (ErrorCode::BadCredentials, "refused"),
+    };
+    error(
+        id,
+        ec,
+        format!("login refused: {why} (reason code 0x{code:02X})"),
+    )
+}
+
+/// A request other than Hello: admitted unless the node wants a Hello first. The
+/// first such request asks the hooks about an anonymous client, once.
+async fn admitted(conn: &mut Conn, id: u64) -> Result<(), Response> {
+    if conn.login == Login::Pending {
+        let name = conn.name.clone();
+        conn.login = match authenticate(conn, &name, None, None).await {
+            AuthDecision::Deny(_) => Login::Required,
+            AuthDecision::Allow | AuthDecision::Next => Login::Anonymous,
+        };
+    }
+    match conn.login {
+        Login::Required => Err(error(
+            id,
+            ErrorCode::LoginRequired,
+            "this node admits no anonymous services: send Hello with credentials first",
+        )),
+        _ => Ok(()),
+    }
+}
+
+async fn hello(
+    conn: &mut Conn,
+    id: u64,
+    name: String,
+    username: Option<String>,
+    password: Option<Vec<u8>>,
+) -> Response {
+    if conn.login == Login::Done {
+        return error(
+            id,
+            ErrorCode::Invalid,
+            "this connection has said Hello already",
+        );
+    }
+    if name.is_empty() || name.len() > 256 {
+        return error(id, ErrorCode::Invalid, "name must be 1..=256 bytes");
+    }
+    if let AuthDecision::Deny(code) = authenticate(conn, &name, username.clone(), password).await {
+        slog::info!(conn.log, "service login refused"; "name" => &name,
+            "user" => username.as_deref().unwrap_or(""), "reason" => code);
+        return login_refused(id, code, username.is_some());
+    }
+    conn.name = name;
+    conn.username = username;
+    conn.login = Login::Done;
+    Response::HelloOk {
+        id,
+        partitions: conn.svc.inner.gateway.config().partitions,
+        version: VERSION,
+    }
+}
+
 async fn handle(conn: &mut Conn, req: Request) -> Response {
-    let partitions = conn.svc.inner.gateway.config().partitions;
-    match req {
-        Request::Hello { id, name } => {
-            if name.is_empty() || name.len() > 256 {
-                return error(id, ErrorCode::Invalid, "name must be 1..=256 bytes");
-            }
-            conn.name = name;
-            Response::HelloOk {
-                id,
-                partitions,
-                version: VERSION,
-            }
+    if !matches!(req, Request::Hello { .. }) {
+        if let Err(r) = admitted(conn, req.id()).await {
+            return r;
         }
+        reauthorize(conn).await;
+    }
+    match req {
+        Request::Hello {
+            id,
+            name,
+            username,
+            password,
+        } => hello(conn, id, name, username, password).await,
         Request::Produce { id, messages } => produce(conn, id, messages).await,
         Request::Join {
             id,
@@ -291,6 +451,18 @@ async fn handle(conn: &mut Conn, req: Request) -> Response {
                     id,
                     ErrorCode::Invalid,
                     "topic must be one first-level topic name (no '/', wildcards or '$'), group non-empty",
+                );
+            }
+            let filter = join_filter(&topic);
+            let ask = Action::Subscribe {
+                filter: filter.clone(),
+                qos: JOIN_QOS,
+            };
+            if !authorize(conn, ask).await {
+                return error(
+                    id,
+                    ErrorCode::NotAuthorized,
+                    format!("not allowed to read {filter:?}"),
                 );
             }
             let key = (group.clone(), topic.clone());
@@ -442,6 +614,32 @@ async fn produce(conn: &mut Conn, id: u64, messages: Vec<ProduceMessage>) -> Res
         };
         items.push((msg, m.key));
     }
+    // The whole batch or nothing: one refused message refuses the request.
+    if gw.hooks().has_authorize() {
+        let mut allowed: HashSet<(&str, u8, bool)> = HashSet::new();
+        for (i, (m, _)) in items.iter().enumerate() {
+            let k = (m.topic.as_str(), m.qos, m.retain);
+            if allowed.contains(&k) {
+                continue;
+            }
+            let ask = Action::Publish {
+                topic: m.topic.clone(),
+                qos: m.qos,
+                retain: m.retain,
+            };
+            if !authorize(conn, ask).await {
+                return error(
+                    id,
+                    ErrorCode::NotAuthorized,
+                    format!(
+                        "message {i}: not allowed to publish to {:?}; nothing was stored",
+                        m.topic
+                    ),
+                );
+            }
+            allowed.insert(k);
+        }
+    }
     let mut positions = Vec::with_capacity(items.len());
     for r in gw.publish_batch(items).await {
         match r {
@@ -450,6 +648,43 @@ async fn produce(conn: &mut Conn, id: u64, messages: Vec<ProduceMessage>) -> Res
         }
     }
     Response::Produced { id, positions }
+}
+
+/// After an ACL reload ([`Service::reauthorize`]): leave the groups whose
+/// [`join_filter`] the authorization hooks now deny (their next request answers
+/// `NotMember`).
+async fn reauthorize(conn: &mut Conn) {
+    let epoch = conn.svc.acl_epoch();
+    if epoch == conn.acl_epoch {
+        return;
+    }
+    conn.acl_epoch = epoch;
+    if !conn.svc.inner.gateway.hooks().has_authorize() {
+        return;
+    }
+    let keys: Vec<(String, String)> = conn.memberships.keys().cloned().collect();
+    let mut left = false;
+    for key in keys {
+        let ask = Action::Subscribe {
+            filter: join_filter(&key.1),
+            qos: JOIN_QOS,
+        };
+        if authorize(conn, ask).await {
+            continue;
+        }
+        slog::info!(conn.log, "ACL reload: leaving a group no longer allowed";
+            "group" => &key.0, "topic" => &key.1);
+        conn.memberships.remove(&key);
+        conn.svc.inner.coordinator.do_send(LeaveGroup {
+            group: key.0,
+            topic: key.1,
+            member: conn.member,
+        });
+        left = true;
+    }
+    if left {
+        update_watches(conn);
+    }
 }
 
 /// Ask the coordinator for this member's partitions and apply a change.
@@ -551,6 +786,8 @@ async fn pull(conn: &mut Conn, id: u64, key: (String, String), max: u32, wait_ms
     let deadline = tokio::time::Instant::now() + wait;
     let storage = conn.svc.inner.gateway.storage().clone();
     loop {
+        // A long poll may span an ACL reload: nothing is delivered under old rules.
+        reauthorize(conn).await;
         if let Err(r) = refresh(conn, &key, id).await {
             return r;
         }
