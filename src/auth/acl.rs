@@ -18,10 +18,14 @@
 //! name; a pattern with `%u` never applies to a client without one) and `%c` (client
 //! id); a substituted value containing `+`, `#` or `/` makes the pattern not apply.
 //!
-//! **Evaluation**: rules are tried in file order; the first rule that applies to the
-//! client and *matches* the action decides: allowed when its access covers the action
-//! (`read` for SUBSCRIBE, `write` for PUBLISH, including wills and retained
-//! publishes), denied otherwise; when no rule matches, `auth.acl_default` decides.
+//! **Evaluation**: rules are tried in file order; the first `deny` rule, or rule whose
+//! access covers the action (`read` for SUBSCRIBE, `write` for PUBLISH, including wills
+//! and retained publishes), that applies to the client and *matches* the action
+//! decides. A matching rule for the other direction does not decide, so that
+//! `topic write home/+/cmd` followed by `topic read home/#` allows both, but it marks
+//! the topic as restricted: if no later rule grants the action, it is refused (`topic
+//! read public/#` makes `public/#` read-only, whatever the default). When no rule
+//! matches at all, `auth.acl_default` decides.
 //! A PUBLISH topic matches a rule filter per MQTT matching
 //! (`actimq_actors::mqtt::topic::matches`). For a SUBSCRIBE filter: a rule that would
 //! grant it matches only when its filter *covers* the requested one (equal or a
@@ -208,6 +212,7 @@ impl Acl {
             Action::Subscribe { filter, .. } => (filter.as_str(), true),
         };
         let safe = |v: &str| !v.contains(['+', '#', '/']);
+        let mut restricted = false;
         for rule in &self.rules {
             let filter = match &rule.scope {
                 Scope::Anonymous if username.is_none() => rule.filter.clone(),
@@ -239,11 +244,18 @@ impl Acl {
             } else {
                 overlaps(&filter, topic)
             };
-            if hit {
+            if !hit {
+                continue;
+            }
+            if grants || rule.access == Access::Deny {
                 return Some(grants);
             }
+            // A rule for the other direction (`read` asked about a PUBLISH, `write`
+            // about a SUBSCRIBE) names the topic with restricted access: a later rule
+            // may still grant this direction, else it is refused.
+            restricted = true;
         }
-        None
+        restricted.then_some(false)
     }
 }
 
@@ -363,6 +375,21 @@ pattern write clients/%c/status
         assert!(Acl::parse("topic read a/#/b").is_err());
         assert!(Acl::parse("frobnicate x").is_err());
         assert!(Acl::parse("user").is_err());
+    }
+
+    #[test]
+    fn a_rule_for_the_other_direction_does_not_decide_but_restricts() {
+        let acl = Acl::parse("topic write home/+/cmd\ntopic read home/#\n").unwrap();
+        assert_eq!(acl.check("c", None, &subscribe("home/#")), Some(true));
+        assert_eq!(acl.check("c", None, &publish("home/x/cmd")), Some(true));
+        assert_eq!(acl.check("c", None, &publish("home/x/temp")), Some(false));
+        let acl = Acl::parse("topic read home/#\ntopic write home/+/cmd\n").unwrap();
+        assert_eq!(acl.check("c", None, &subscribe("home/#")), Some(true));
+        assert_eq!(acl.check("c", None, &publish("home/x/cmd")), Some(true));
+        // Read-only: no later grant, so writing is refused even under a default allow.
+        let acl = Acl::parse("topic read public/#\n").unwrap();
+        assert_eq!(acl.check("c", None, &publish("public/x")), Some(false));
+        assert_eq!(acl.check("c", None, &publish("elsewhere")), None);
     }
 
     #[test]
