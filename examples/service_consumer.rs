@@ -5,12 +5,14 @@
 //! # defaults: 127.0.0.1:9883 example home 0 (0: run until interrupted)
 //! ```
 //!
+//! On a node that wants a login, set `ACTIMQ_USERNAME` and `ACTIMQ_PASSWORD`.
+//!
 //! Start several with the same GROUP to split the partitions between them; stop one
 //! and the others take its partitions over from the committed offsets.
 
 use std::time::{Duration, Instant};
 
-use actimq::client::Consumer;
+use actimq::client::{Consumer, ConsumerOptions, Credentials};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -22,7 +24,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let group = args.get(1).cloned().unwrap_or_else(|| "example".into());
     let topic = args.get(2).cloned().unwrap_or_else(|| "home".into());
     let count: usize = args.get(3).map_or(Ok(0), |s| s.parse())?;
-    let mut consumer = Consumer::connect(addr, &group, &topic).await?;
+    let opts = ConsumerOptions::new(&group, &topic).credentials(Credentials::from_env());
+    let mut consumer = Consumer::connect_with(addr, opts).await?;
     println!(
         "joined {group} on {topic}: partitions {:?}",
         consumer.partitions()

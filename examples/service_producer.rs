@@ -5,13 +5,15 @@
 //! # defaults: 127.0.0.1:9883 home/room1/cmd 10 1
 //! ```
 //!
+//! On a node that wants a login, set `ACTIMQ_USERNAME` and `ACTIMQ_PASSWORD`.
+//!
 //! Devices subscribed to a matching filter receive the messages (at QoS 1, min their
 //! subscription's); consumer groups on the first-level topic read them. With COUNT
 //! larger than 1000 it prints the produce throughput.
 
 use std::time::Instant;
 
-use actimq::client::{message, ProduceMessageExt, Producer, Props};
+use actimq::client::{message, Credentials, ProduceMessageExt, Producer, ProducerOptions, Props};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -26,7 +28,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "home/room1/cmd".into());
     let count: usize = args.get(2).map_or(Ok(10), |s| s.parse())?;
     let batch: usize = args.get(3).map_or(Ok(1), |s| s.parse())?.max(1);
-    let mut producer = Producer::connect(addr, "example-producer").await?;
+    let opts = ProducerOptions::new("example-producer").credentials(Credentials::from_env());
+    let mut producer = Producer::connect_with(addr, opts).await?;
     let start = Instant::now();
     let mut sent = 0;
     while sent < count {

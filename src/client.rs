@@ -78,6 +78,20 @@ impl Credentials {
     }
 }
 
+impl Credentials {
+    /// From the environment: `ACTIMQ_USERNAME` and `ACTIMQ_PASSWORD` (each optional),
+    /// as the examples and command-line tools take them, so that a password never
+    /// appears in a process listing.
+    pub fn from_env() -> Credentials {
+        Credentials {
+            username: std::env::var("ACTIMQ_USERNAME").ok(),
+            password: std::env::var("ACTIMQ_PASSWORD")
+                .ok()
+                .map(String::into_bytes),
+        }
+    }
+}
+
 impl std::fmt::Debug for Credentials {
     // Never prints the password.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
