@@ -1089,8 +1089,8 @@ fn hostile_10k_half_open_connections_are_all_closed() {
         "sockets {after}, before {}",
         m.sockets_before
     );
-    // A few KiB per waiting connection.
-    m.assert_growth_under("half-open", 40.0 + conns as f64 * 16.0 / 1024.0);
+    // A few KiB per waiting connection (about 4 measured).
+    m.assert_growth_under("half-open", 32.0 + conns as f64 * 8.0 / 1024.0);
     node.stop();
 }
 
@@ -1176,20 +1176,21 @@ async fn read_seqs(raw: &mut Raw, n: usize) -> Vec<u64> {
 }
 
 /// Two subscribers that never read (QoS 0: bounded by the write buffer; QoS 1: by the
-/// in-flight window) while a publisher floods QoS 1 for 6 s: the node's memory stays
+/// in-flight window) while a publisher floods QoS 1 for 5 s: the node's memory stays
 /// bounded (the backlog stays in the log), and when they read again, they get the
 /// messages from the first one, in order.
 #[test]
 fn hostile_stuck_subscriber_under_a_qos1_flood_keeps_memory_bounded() {
-    const SECS: f64 = 6.0;
-    const PAYLOAD: usize = 1024;
+    const SECS: f64 = 5.0;
+    // Small, so that the log written stays modest (~120 MB in a debug build, ~500 MB in
+    // release): the cost under test is per message.
+    const PAYLOAD: usize = 256;
     const CACHE: u64 = 8 << 20;
     let _serial = serial();
     let node = Node::start(&Settings::new().set("storage", "cache_bytes", CACHE));
     let addr = node.addr;
     let fig = Figures::start("stuck-sub", &node);
     let pid = node.pid;
-    let start = Instant::now();
     let (sent, acked, mid, first0, first1) = std::thread::scope(|scope| {
         let rt = runtime();
         let mut stuck = rt.block_on(async {
@@ -1215,7 +1216,6 @@ fn hostile_stuck_subscriber_under_a_qos1_flood_keeps_memory_bounded() {
         (sent, acked, mid, first0, first1)
     });
     let end = node.rss();
-    let secs = start.elapsed().as_secs_f64();
     let second_half = end.saturating_sub(mid) as f64 / MIB;
     let published = acked as f64 * PAYLOAD as f64 / MIB;
     let details = format!(
@@ -1223,7 +1223,7 @@ fn hostile_stuck_subscriber_under_a_qos1_flood_keeps_memory_bounded() {
          {:.0} msg/s) while 2 subscribers (QoS 0 and 1) never read; RSS at half time \
          {:.1} MiB, at end {:.1} MiB (second half +{second_half:.1} MiB); stuck subscribers \
          then read {}+{} in order",
-        acked as f64 / secs,
+        acked as f64 / SECS,
         mid as f64 / MIB,
         end as f64 / MIB,
         first0.len(),
