@@ -20,7 +20,7 @@ use bincode::{Decode, Encode};
 
 use super::codec::Will;
 use super::inflight::InflightEntry;
-use super::session::{MqttSession, Takeover};
+use super::session::{Handoff, MqttSession, Takeover};
 use super::shard::{shards_for_filter, AddRoute, RemoveRoute, RouteKind};
 use super::Gateway;
 use crate::storage::{KvPut, KvScan, Message, Storage, StorageError};
@@ -396,7 +396,7 @@ impl Handler<Register> for ClientRegistry {
                 )
                 .await
                 {
-                    Ok(Ok(s)) => {
+                    Ok(Ok(Handoff::State(s))) => {
                         state = s;
                         answered = true;
                     }

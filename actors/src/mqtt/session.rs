@@ -78,9 +78,19 @@ pub struct Drained {
 /// Another connection took this client id (from the registry). Answers with the
 /// session state to continue with.
 #[derive(Message)]
-#[rtype(result = "Option<SessionState>")]
+#[rtype(result = "Handoff")]
 pub struct Takeover {
     pub clean_start: bool,
+}
+
+/// The answer to [`Takeover`].
+#[derive(Debug, MessageResponse)]
+pub enum Handoff {
+    /// The state the new connection continues with (`None`: the session ended).
+    State(Option<SessionState>),
+    /// The old connection was still registering and stopped before its registration
+    /// answered: the registry falls back to the stored session.
+    Unknown,
 }
 
 /// The node is stopping: close and hand back the state of a persistent session.
@@ -140,6 +150,8 @@ struct Extra {
     /// Cached topic → queues routes, valid while the route epoch is `routes_epoch`.
     routes: HashMap<String, Arc<[QueueName]>>,
     routes_epoch: u64,
+    /// Taken over while registering: where to send the state our registration brings.
+    handoff: Option<tokio::sync::oneshot::Sender<Option<SessionState>>>,
 }
 
 impl Default for Extra {
@@ -151,6 +163,7 @@ impl Default for Extra {
             qos2_pending: HashSet::new(),
             routes: HashMap::new(),
             routes_epoch: u64::MAX,
+            handoff: None,
         }
     }
 }
@@ -570,6 +583,20 @@ impl MqttSession {
             .send(reg)
             .into_actor(self)
             .map(move |res, act, ctx| {
+                if let Some(tx) = act.extra.as_mut().and_then(|e| e.handoff.take()) {
+                    // Taken over before CONNACK: the session this registration brought
+                    // goes on with the new connection, unused (a session with expiry 0
+                    // ends with this connection, as in `Takeover`).
+                    let mut state = res.ok().and_then(Result::ok).flatten();
+                    if act.session_expiry == 0 {
+                        if let Some(s) = state.take() {
+                            registry::remove_routes(&act.gw, &act.client_id, &s.subs);
+                        }
+                    }
+                    let _ = tx.send(state);
+                    // No CONNACK was sent, so no DISCONNECT either (MQTT-3.14.0-1).
+                    return act.close(None, false, ctx);
+                }
                 if act.phase != Phase::Registering {
                     return;
                 }
@@ -1977,11 +2004,20 @@ impl Handler<Reauthorize> for MqttSession {
 }
 
 impl Handler<Takeover> for MqttSession {
-    type Result = MessageResult<Takeover>;
+    type Result = ResponseFuture<Handoff>;
     fn handle(&mut self, m: Takeover, ctx: &mut Context<Self>) -> Self::Result {
         // MQTT-3.1.4-2 / v5 0x8E Session taken over.
         self.handed_off = true;
         self.end = DisconnectReason::TakenOver;
+        if self.phase == Phase::Registering {
+            // Our own registration (which may be resuming the session from storage, or
+            // taking it from an older connection) has not answered yet: hand over what
+            // it brings when it does. The will goes nowhere: this session never began.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.extra().handoff = Some(tx);
+            self.will = None;
+            return Box::pin(async move { rx.await.map_or(Handoff::Unknown, Handoff::State) });
+        }
         // A session with expiry 0 ends with its connection (v5 §3.1.2.11.2; v3 clean
         // session): the new connection starts afresh.
         let state = if self.session_expiry > 0 && self.was_connected {
@@ -2007,7 +2043,7 @@ impl Handler<Takeover> for MqttSession {
             });
         }
         self.close(Some(0x8E), false, ctx);
-        MessageResult(state)
+        Box::pin(std::future::ready(Handoff::State(state)))
     }
 }
 
