@@ -1703,7 +1703,6 @@ fn hostile_reconnect_loop_with_one_client_id() {
 /// Two loops reconnecting one client id at once, so that a CONNECT often takes over a
 /// connection whose own takeover is still under way.
 #[test]
-#[ignore = "defect: a takeover of a connection that is still registering loses the persistent session's subscriptions"]
 fn hostile_concurrent_reconnect_loops_keep_the_session() {
     reconnect_case(
         "reconnect-2x",
@@ -1715,11 +1714,11 @@ fn hostile_concurrent_reconnect_loops_keep_the_session() {
     );
 }
 
-/// The smallest case of the defect above: two CONNECTs for one persistent session sent
-/// at the same moment. One connection is taken over before its CONNACK; the other must
-/// get the session (present, its subscription delivering).
+/// The smallest form of the same race: two CONNECTs for one persistent session sent at
+/// the same moment. One connection is often taken over before its CONNACK; every
+/// CONNACK must say the session is present, and the session must keep its subscription.
+/// (Before 37517e5 the second connection got no session: present 0, subscription gone.)
 #[test]
-#[ignore = "defect: two simultaneous CONNECTs for one persistent session lose it (session present 0, subscription gone)"]
 fn hostile_two_simultaneous_connects_keep_the_session() {
     let _serial = serial();
     let node = Node::start(&Settings::new());
@@ -1738,19 +1737,17 @@ fn hostile_two_simultaneous_connects_keep_the_session() {
             }
         }
         drop((a, b));
-        assert_eq!(present, [true], "one CONNACK, session present");
+        check!(
+            !present.is_empty() && present.iter().all(|p| *p),
+            "CONNACKs' session present: {present:?}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
         let (mut raw, ack) = Raw::connect_ok(addr, &ConnectOpts::v3("twin", false)).await;
         let (mut publisher, _) = Raw::connect_ok(addr, &ConnectOpts::v3("twin-pub", true)).await;
         publisher.publish("twin/t", 1, false, 1, b"after").await;
         let got = raw.drain_publishes(Duration::from_millis(700)).await;
-        assert!(ack.session_present, "the session was lost");
-        assert_eq!(
-            got.len(),
-            1,
-            "the subscription delivered {} copies",
-            got.len()
-        );
+        check!(ack.session_present, "the session was lost");
+        check_eq!(got.len(), 1, "copies the subscription delivered");
     });
     node.stop();
 }
