@@ -3,56 +3,14 @@
 //! stays connected.
 
 mod common;
+mod process;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use actimq::auth::password::hash_password;
 use common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_actimq");
-
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    /// Wait for a stderr line containing `what`; returns it.
-    fn wait_for(&self, what: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut seen = Vec::new();
-        loop {
-            match self
-                .lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) if line.contains(what) => return line,
-                Ok(line) => seen.push(line),
-                Err(_) => panic!("no {what:?} line; stderr:\n{}", seen.join("\n")),
-            }
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(ok.success());
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use process::{clear_actimq_env, NodeProcess, BIN};
 
 fn users(list: &[(&str, &str)]) -> String {
     list.iter()
@@ -66,11 +24,7 @@ fn sighup_reloads_the_password_file_without_dropping_connections() {
     let pw = dir.path().join("passwd");
     std::fs::write(&pw, users(&[("alice", "wonderland")])).unwrap();
     let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ACTIMQ__") {
-            cmd.env_remove(k);
-        }
-    }
+    clear_actimq_env(&mut cmd);
     cmd.env("ACTIMQ__NODE__DATA_DIR", dir.path().join("data"))
         .env("ACTIMQ__NODE__IO_THREADS", "1")
         .env("ACTIMQ__LISTENER__TCP__BIND", "127.0.0.1:0")
@@ -78,25 +32,9 @@ fn sighup_reloads_the_password_file_without_dropping_connections() {
         .env("ACTIMQ__LISTENER__SERVICE__ENABLED", "false")
         .env("ACTIMQ__AUTH__PASSWORD_FILE", &pw)
         .env("ACTIMQ__AUTH__ALLOW_ANONYMOUS", "false")
-        .env("ACTIMQ__LOG__LEVEL", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn actimq");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let node = Proc { child, lines };
-    let line = node.wait_for("listener: tcp");
-    let rest = &line[line.find("addr: ").expect("addr in the line") + 6..];
-    let addr: SocketAddr = rest.split([',', ' ']).next().unwrap().parse().unwrap();
+        .env("ACTIMQ__LOG__LEVEL", "info");
+    let node = NodeProcess::spawn(cmd, &[]);
+    let addr = node.tcp_addr(Duration::from_secs(60));
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -28,13 +28,13 @@
 //! there.
 
 mod common;
+mod process;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fmt::Display;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
@@ -45,10 +45,10 @@ use common::{
     CONNACK, PUBACK, PUBCOMP, PUBREC, PUBREL, SUBACK,
 };
 use futures::StreamExt;
+use process::{clear_actimq_env, NodeProcess, BIN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const BIN: &str = env!("CARGO_BIN_EXE_actimq");
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// The cases measure latency and memory: one at a time.
@@ -224,17 +224,6 @@ impl Settings {
     }
 }
 
-/// What the node logged, collected by a thread (the pipe must be drained all along).
-#[derive(Default)]
-struct NodeLog {
-    /// The last lines, for diagnostics.
-    tail: VecDeque<String>,
-    /// Lines that mention a panic.
-    panics: Vec<String>,
-    /// How many lines contained each of [`MARKERS`].
-    counts: BTreeMap<&'static str, u64>,
-}
-
 /// Log messages counted for the figures.
 const MARKERS: &[&str] = &[
     "session taken over",
@@ -246,10 +235,10 @@ const MARKERS: &[&str] = &[
 
 /// A node process on a temp dir, killed on drop if [`Node::stop`] was not called.
 struct Node {
-    child: Child,
+    /// Declared first: dropped (killed) before the temp dir is removed.
+    process: NodeProcess,
     pid: u32,
     addr: SocketAddr,
-    log: Arc<Mutex<NodeLog>>,
     data_dir: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -265,32 +254,17 @@ impl Node {
         let conf = dir.path().join("actimq.toml");
         std::fs::write(&conf, settings.render(&data_dir)).expect("write config");
         let mut cmd = Command::new(BIN);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("ACTIMQ__") {
-                cmd.env_remove(k);
-            }
-        }
-        cmd.arg("--config")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn actimq");
-        let pid = child.id();
-        let (log, rx) = Node::collect_log(&mut child);
-        let mut node = Node {
-            child,
-            pid,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log,
+        clear_actimq_env(&mut cmd);
+        cmd.arg("--config").arg(&conf);
+        let process = NodeProcess::spawn(cmd, MARKERS);
+        let addr = process.tcp_addr(Duration::from_secs(60));
+        Node {
+            pid: process.pid(),
+            process,
+            addr,
             data_dir,
             _dir: dir,
-        };
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(Some(addr)) => node.addr = addr,
-            _ => panic!("node did not report its address; log:\n{}", node.log_tail()),
         }
-        node
     }
 
     /// Mosquitto on a free loopback port, for comparison.
@@ -307,22 +281,14 @@ impl Node {
         );
         std::fs::write(&conf, text).expect("write mosquitto.conf");
         let bin = std::env::var("MOSQUITTO").unwrap_or("/usr/sbin/mosquitto".into());
-        let mut child = Command::new(&bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
-        let pid = child.id();
-        let (log, _) = Node::collect_log(&mut child);
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-c").arg(&conf);
+        let process = NodeProcess::spawn(cmd, MARKERS);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let node = Node {
-            child,
-            pid,
+            pid: process.pid(),
+            process,
             addr,
-            log,
             data_dir: dir.path().join("data"),
             _dir: dir,
         };
@@ -338,49 +304,12 @@ impl Node {
         node
     }
 
-    /// Collect `child`'s stderr on a thread (the pipe must be drained all along); the
-    /// receiver gets the TCP listener's address when actimq logs it.
-    #[allow(clippy::type_complexity)]
-    fn collect_log(child: &mut Child) -> (Arc<Mutex<NodeLog>>, mpsc::Receiver<Option<SocketAddr>>) {
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(NodeLog::default()));
-        let (tx, rx) = mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("listening") && line.contains("listener: tcp") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(parse_addr(&line));
-                    }
-                }
-                let mut l = sink.lock().unwrap_or_else(|e| e.into_inner());
-                if line.contains("panicked") {
-                    l.panics.push(line.clone());
-                }
-                for m in MARKERS {
-                    if line.contains(m) {
-                        *l.counts.entry(m).or_default() += 1;
-                    }
-                }
-                if l.tail.len() >= 200 {
-                    l.tail.pop_front();
-                }
-                l.tail.push_back(line);
-            }
-        });
-        (log, rx)
-    }
-
     fn log_tail(&self) -> String {
-        let l = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        l.tail.iter().cloned().collect::<Vec<_>>().join("\n")
+        self.process.log_tail()
     }
 
     fn count(&self, marker: &str) -> u64 {
-        let l = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        l.counts.get(marker).copied().unwrap_or(0)
+        self.process.count(marker)
     }
 
     fn rss(&self) -> u64 {
@@ -427,45 +356,16 @@ impl Node {
 
     /// SIGTERM; the node must exit 0, and must not have logged a panic.
     fn stop(mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill -TERM");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait for actimq") {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node did not stop after SIGTERM; log:\n{}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        // Let the log thread see the last lines.
-        std::thread::sleep(Duration::from_millis(50));
-        let l = self.log.lock().unwrap_or_else(|e| e.into_inner());
-        assert!(l.panics.is_empty(), "the node panicked: {:?}", l.panics);
-        drop(l);
+        self.process.signal("TERM");
+        let status = self.process.wait_exit(Duration::from_secs(30));
+        let panics = self.process.panics();
+        assert!(panics.is_empty(), "the node panicked: {panics:?}");
         check!(
             status.success(),
             "node exit status {status:?}; log:\n{}",
             self.log_tail()
         );
     }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The address in a slog-term line such as `... INFO listening, addr: 127.0.0.1:4000, ...`.
-fn parse_addr(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find("addr: ")? + "addr: ".len()..];
-    rest.split([',', ' ']).next()?.parse().ok()
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> u64 {

@@ -1,17 +1,16 @@
 //! The `actimq` binary as an operator uses it: print-config, a bad value in the
 //! environment, and a graceful stop on SIGTERM / SIGINT that leaves the data readable.
 
-use std::io::{BufRead, BufReader};
+mod process;
+
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::time::Duration;
 
 use actimq_actors::storage::{Pull, QueueName, Storage};
+use process::{clear_actimq_env, NodeProcess, BIN};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-
-const BIN: &str = env!("CARGO_BIN_EXE_actimq");
 
 /// Run the binary to completion with `args` and extra environment `env`.
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -22,15 +21,6 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
         cmd.env(k, v);
     }
     cmd.output().expect("run actimq")
-}
-
-/// Keep the caller's own ACTIMQ__* settings out of the tests.
-fn clear_actimq_env(cmd: &mut Command) {
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("ACTIMQ__") {
-            cmd.env_remove(k);
-        }
-    }
 }
 
 #[test]
@@ -89,100 +79,25 @@ fn missing_config_file_is_named() {
     assert!(err.contains("/nonexistent/actimq.toml"), "{err}");
 }
 
-/// A node process on a temporary data dir, with its stderr collected by a thread.
-struct NodeProcess {
-    /// The process.
-    child: Child,
-    /// The bound MQTT address, read from the "listening" log line.
-    addr: SocketAddr,
-    /// Every later stderr line, for diagnostics.
-    lines: mpsc::Receiver<String>,
+/// A node process on a temporary data dir; answers it and its MQTT address.
+fn start(data_dir: &Path) -> (NodeProcess, SocketAddr) {
+    let mut cmd = Command::new(BIN);
+    clear_actimq_env(&mut cmd);
+    cmd.env("ACTIMQ__NODE__DATA_DIR", data_dir)
+        .env("ACTIMQ__NODE__IO_THREADS", "2")
+        .env("ACTIMQ__LISTENER__TCP__BIND", "127.0.0.1:0")
+        .env("ACTIMQ__LISTENER__WS__ENABLED", "false")
+        .env("ACTIMQ__LISTENER__SERVICE__ENABLED", "false")
+        .env("ACTIMQ__LOG__LEVEL", "info");
+    let node = NodeProcess::spawn(cmd, &[]);
+    let addr = node.tcp_addr(Duration::from_secs(60));
+    (node, addr)
 }
 
-impl NodeProcess {
-    fn start(data_dir: &Path) -> NodeProcess {
-        let mut cmd = Command::new(BIN);
-        clear_actimq_env(&mut cmd);
-        cmd.env("ACTIMQ__NODE__DATA_DIR", data_dir)
-            .env("ACTIMQ__NODE__IO_THREADS", "2")
-            .env("ACTIMQ__LISTENER__TCP__BIND", "127.0.0.1:0")
-            .env("ACTIMQ__LISTENER__WS__ENABLED", "false")
-            .env("ACTIMQ__LISTENER__SERVICE__ENABLED", "false")
-            .env("ACTIMQ__LOG__LEVEL", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn actimq");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut seen = Vec::new();
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) => {
-                    if line.contains("listening") && line.contains("listener: tcp") {
-                        break parse_addr(&line).unwrap_or_else(|| panic!("no addr in {line:?}"));
-                    }
-                    seen.push(line);
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!(
-                        "node did not report its address; stderr:\n{}",
-                        seen.join("\n")
-                    );
-                }
-            }
-        };
-        NodeProcess { child, addr, lines }
-    }
-
-    /// Send `signal` and wait for the exit status.
-    fn signal_and_wait(mut self, signal: &str) -> std::process::ExitStatus {
-        let ok = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(ok.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for actimq") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let rest: Vec<String> = self.lines.try_iter().collect();
-                panic!(
-                    "node did not stop after {signal}; stderr:\n{}",
-                    rest.join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The address in a slog-term line such as `... INFO listening, addr: 127.0.0.1:4000, ...`.
-fn parse_addr(line: &str) -> Option<SocketAddr> {
-    let rest = &line[line.find("addr: ")? + "addr: ".len()..];
-    rest.split([',', ' ']).next()?.parse().ok()
+/// Send `signal` and wait for the exit status.
+fn signal_and_wait(mut node: NodeProcess, signal: &str) -> ExitStatus {
+    node.signal(signal);
+    node.wait_exit(Duration::from_secs(30))
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -278,9 +193,9 @@ fn stored_payloads(data_dir: &Path, first: &str) -> Vec<Vec<u8>> {
 #[test]
 fn sigterm_stops_gracefully_and_the_log_is_readable_after() {
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProcess::start(dir.path());
-    runtime().block_on(publish_retained(node.addr, "cli/sigterm", b"kept"));
-    let status = node.signal_and_wait("TERM");
+    let (node, addr) = start(dir.path());
+    runtime().block_on(publish_retained(addr, "cli/sigterm", b"kept"));
+    let status = signal_and_wait(node, "TERM");
     assert!(status.success(), "exit status {status:?}");
 
     let segs = segments(dir.path());
@@ -293,18 +208,18 @@ fn sigterm_stops_gracefully_and_the_log_is_readable_after() {
     assert_eq!(stored_payloads(dir.path(), "cli"), vec![b"kept".to_vec()]);
 
     // Reopening recovers the log, and the message written before the stop is there.
-    let node = NodeProcess::start(dir.path());
-    let (retain, payload) = runtime().block_on(first_message(node.addr, "cli/sigterm"));
+    let (node, addr) = start(dir.path());
+    let (retain, payload) = runtime().block_on(first_message(addr, "cli/sigterm"));
     assert!(retain);
     assert_eq!(payload, b"kept");
-    let status = node.signal_and_wait("INT");
+    let status = signal_and_wait(node, "INT");
     assert!(status.success(), "exit status {status:?}");
 }
 
 #[test]
 fn sigint_on_an_idle_node_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProcess::start(dir.path());
-    let status = node.signal_and_wait("INT");
+    let (node, _) = start(dir.path());
+    let status = signal_and_wait(node, "INT");
     assert!(status.success(), "exit status {status:?}");
 }
