@@ -6,8 +6,9 @@
 #   REPEAT=2 benches/compare.sh             # run each pair twice (keep the best)
 #
 # For each scenario, each broker is started fresh: actimq (release build, default
-# settings incl. flush mode, fresh temp data dir; only the listener address and
-# max_connections, which the 10k-connection scenario needs, are changed) and Mosquitto
+# settings incl. flush mode, fresh temp data dir; only the listener address,
+# max_connections, which the 10k-connection scenario needs, and max_connection_rate,
+# which Mosquitto does not have (it would make the 10k ramp take 10 s), are changed) and Mosquitto
 # (stock settings except `persistence false`, `max_queued_messages 0` and
 # `max_inflight_messages 0`, which mosquitto.conf(5) defines as "no maximum";
 # max_queued_bytes already defaults to 0 = no maximum; plus a listener on a free port and
@@ -76,6 +77,7 @@ start_broker() { # name -> sets BPID, BPORT
             dir=$(mktemp -d /tmp/actimq-bench-data.XXXXXX)
             ACTIMQ__LISTENER__TCP__BIND=127.0.0.1:$APORT ACTIMQ__LISTENER__WS__ENABLED=false \
                 ACTIMQ__NODE__DATA_DIR=$dir ACTIMQ__LISTENER__TCP__MAX_CONNECTIONS=20000 \
+                ACTIMQ__LISTENER__TCP__MAX_CONNECTION_RATE=0 \
                 taskset -c 0 "$OUT/actimq" >>"$OUT/actimq.log" 2>&1 &
             BPID=$! BPORT=$APORT BDIR=$dir
             ;;
