@@ -23,6 +23,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -2104,7 +2105,7 @@ async fn io_loop<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         let room = buf.capacity() - buf.len();
-        let resume = throttle.as_ref().and_then(|t| t.resume);
+        let paused = throttle.as_ref().is_some_and(|t| t.resume.is_some());
         tokio::select! {
             // Writes first: they free the client's window and the session's buffer.
             biased;
@@ -2123,13 +2124,20 @@ async fn io_loop<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             // A throttled client: hand on the packet that waited, then what follows it.
-            _ = tokio::time::sleep_until(resume.unwrap_or_else(Instant::now).into()),
-                if resume.is_some() =>
+            // (The timer lives in the heap-allocated `Throttle`: a `Sleep` here would
+            // be part of every connection's task, throttled or not.)
+            _ = async {
+                    match throttle.as_mut().and_then(|t| t.resume.as_mut()) {
+                        Some(sleep) => sleep.await,
+                        None => std::future::pending().await,
+                    }
+                },
+                if paused =>
             {
                 reading = Box::pin(deliver(&mut dec, &mut buf, &addr, &permits, throttle.as_deref_mut())).await;
             }
             // `read_buf` is cancel-safe: losing the race to a write loses no bytes.
-            res = r.read_buf(&mut buf), if reading && resume.is_none() => {
+            res = r.read_buf(&mut buf), if reading && !paused => {
                 match res {
                     Ok(0) => {
                         addr.do_send(ReadEnded(None));
@@ -2165,7 +2173,7 @@ struct Throttle {
     /// is taken.
     held: Option<(Inbound, usize, bool)>,
     /// When to ask again for `held`; reading the socket stops until then.
-    resume: Option<Instant>,
+    resume: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// Decode every whole packet in `buf` and hand them to the session, in batches of at
@@ -2207,7 +2215,7 @@ async fn deliver(
                 let publish = matches!(p, Inbound::Publish(_));
                 if let Some(wait) = t.limits.wait(publish, size, &mut taken) {
                     t.held = Some((p, size, taken));
-                    t.resume = Some(Instant::now() + wait);
+                    t.resume = Some(Box::pin(tokio::time::sleep(wait)));
                     paused = true;
                     break;
                 }
