@@ -323,8 +323,9 @@ pub struct ListenerSection {
     pub tls: TlsListenerSection,
     /// MQTT over WebSocket over TLS (`[listener.wss]`).
     pub wss: WssListenerSection,
-    /// The service protocol (`[listener.service]`), for back-end producers/consumers.
-    pub service: TcpListenerSection,
+    /// The service protocol (`[listener.service]`), for back-end producers/consumers;
+    /// plain TCP, or TLS when it has a certificate.
+    pub service: ServiceListenerSection,
 }
 
 /// `[listener.tcp]`
@@ -361,8 +362,8 @@ pub struct WsListenerSection {
     pub max_connection_rate: u32,
 }
 
-/// The TLS files of a listener, as [`TlsListenerSection`] and [`WssListenerSection`]
-/// name them; what [`crate::tls`] loads.
+/// The TLS files of a listener, as [`TlsListenerSection`], [`WssListenerSection`] and
+/// [`ServiceListenerSection`] name them; what [`crate::tls`] loads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsFiles {
     /// PEM certificate chain, the server's certificate first.
@@ -372,7 +373,8 @@ pub struct TlsFiles {
     /// PEM CA certificates that client certificates must chain to; `Some` turns on
     /// mutual TLS (a client without a valid certificate is refused in the handshake).
     pub ca_file: Option<PathBuf>,
-    /// Whether the client certificate's Common Name is to serve as the MQTT username.
+    /// Whether the client certificate's Common Name is to serve as the user name (of
+    /// the MQTT client, or of the service on the service listener).
     pub cn_as_username: bool,
 }
 
@@ -432,8 +434,14 @@ pub struct WssListenerSection {
     pub max_connection_rate: u32,
 }
 
+/// A path key that is set and not empty (an empty environment variable unsets it).
+fn nonempty(p: &Option<PathBuf>) -> Option<&PathBuf> {
+    p.as_ref().filter(|p| !p.as_os_str().is_empty())
+}
+
 /// Check a TLS listener's file keys; `keys` are their dotted names (cert, key, ca,
-/// cn_as_username) for the error message.
+/// cn_as_username) for the error message, and `required` what a missing certificate
+/// or key file is told.
 fn tls_files(
     enabled: bool,
     cert_file: &Option<PathBuf>,
@@ -441,22 +449,20 @@ fn tls_files(
     ca_file: &Option<PathBuf>,
     cn_as_username: bool,
     keys: [&'static str; 4],
+    required: &str,
 ) -> Result<Option<TlsFiles>, ConfigError> {
     let bad = |key, problem: &str| ConfigError::Invalid {
         key,
         problem: problem.into(),
     };
-    fn nonempty(p: &Option<PathBuf>) -> Option<&PathBuf> {
-        p.as_ref().filter(|p| !p.as_os_str().is_empty())
-    }
     if !enabled {
         return Ok(None);
     }
     let Some(cert_file) = nonempty(cert_file) else {
-        return Err(bad(keys[0], "is required when the listener is enabled"));
+        return Err(bad(keys[0], required));
     };
     let Some(key_file) = nonempty(key_file) else {
-        return Err(bad(keys[1], "is required when the listener is enabled"));
+        return Err(bad(keys[1], required));
     };
     let ca_file = nonempty(ca_file).cloned();
     if cn_as_username && ca_file.is_none() {
@@ -472,6 +478,9 @@ fn tls_files(
         cn_as_username,
     }))
 }
+
+/// What a TLS-only listener enabled without its certificate or key is told.
+const ENABLED_NEEDS_FILES: &str = "is required when the listener is enabled";
 
 impl TlsListenerSection {
     /// The files to load, or `None` when the listener is disabled; an error names the
@@ -489,6 +498,7 @@ impl TlsListenerSection {
                 "listener.tls.ca_file",
                 "listener.tls.cn_as_username",
             ],
+            ENABLED_NEEDS_FILES,
         )
     }
 }
@@ -509,6 +519,64 @@ impl WssListenerSection {
                 "listener.wss.ca_file",
                 "listener.wss.cn_as_username",
             ],
+            ENABLED_NEEDS_FILES,
+        )
+    }
+}
+
+/// `[listener.service]`: the service protocol, over plain TCP or, with `cert_file` and
+/// `key_file`, over TLS only (the keys of `[listener.tls]`, which mean the same).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceListenerSection {
+    /// Lets a node run without the service protocol (MQTT only).
+    pub enabled: bool,
+    /// Address and port to listen on; port 0 picks a free port (tests use this).
+    #[serde(deserialize_with = "socket_addr")]
+    pub bind: SocketAddr,
+    /// PEM certificate chain; with `key_file`, the listener speaks TLS only, so that
+    /// service passwords do not cross the network in clear.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// PEM CA bundle for client certificates; setting it requires them (mutual TLS).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Use the client certificate's CN as the service's user name (needs `ca_file`).
+    pub cn_as_username: bool,
+    /// Connections beyond this are closed at once (TLS handshakes included).
+    pub max_connections: usize,
+    /// New connections accepted a second; above it accepting pauses (the kernel's
+    /// backlog holds the rest), so a reconnect storm is spread out. 0: unlimited.
+    pub max_connection_rate: u32,
+}
+
+impl ServiceListenerSection {
+    /// The TLS files to load, or `None` when the listener is disabled or plain TCP
+    /// (none of `cert_file`, `key_file`, `ca_file`, `cn_as_username` set). Any of them
+    /// asks for TLS, which needs both `cert_file` and `key_file`: an error names the
+    /// missing key.
+    pub fn files(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        let tls = nonempty(&self.cert_file).is_some()
+            || nonempty(&self.key_file).is_some()
+            || nonempty(&self.ca_file).is_some()
+            || self.cn_as_username;
+        tls_files(
+            self.enabled && tls,
+            &self.cert_file,
+            &self.key_file,
+            &self.ca_file,
+            self.cn_as_username,
+            [
+                "listener.service.cert_file",
+                "listener.service.key_file",
+                "listener.service.ca_file",
+                "listener.service.cn_as_username",
+            ],
+            "is required for TLS on this listener (set cert_file and key_file together, \
+             or none of the TLS keys for plain TCP)",
         )
     }
 }
@@ -696,6 +764,7 @@ impl Config {
         }
         l.tls.files()?;
         l.wss.files()?;
+        l.service.files()?;
         // Every enabled listener needs its own address (port 0 picks a fresh one each).
         let binds = [
             ("listener.tcp.bind", l.tcp.enabled, l.tcp.bind),
@@ -1277,6 +1346,72 @@ mod tests {
         }
         let err = env_error("ACTIMQ__LISTENER__WSS__PATH", "mqtt");
         assert!(err.contains("listener.wss.path"), "{err}");
+    }
+
+    #[test]
+    fn service_listener_is_plain_without_files_and_tls_with_both() {
+        let cfg = Config::default();
+        let svc = &cfg.listener.service;
+        assert_eq!(
+            (&svc.cert_file, &svc.key_file, &svc.ca_file),
+            (&None, &None, &None)
+        );
+        assert!(!svc.cn_as_username);
+        assert_eq!(svc.files().unwrap(), None, "plain TCP by default");
+
+        let key = |k: &str| format!("ACTIMQ__LISTENER__SERVICE__{k}");
+        // One file without the other names the missing key.
+        let err = load_env(&[(&key("CERT_FILE"), "/c.pem")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid value for `listener.service.key_file`: is required for TLS"),
+            "{err}"
+        );
+        let err = load_env(&[(&key("KEY_FILE"), "/k.pem")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid value for `listener.service.cert_file`"),
+            "{err}"
+        );
+        // A CA or cn_as_username asks for TLS too.
+        let err = load_env(&[(&key("CA_FILE"), "/ca.pem")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listener.service.cert_file"), "{err}");
+        let err = load_env(&[
+            (&key("CERT_FILE"), "/c.pem"),
+            (&key("KEY_FILE"), "/k.pem"),
+            (&key("CN_AS_USERNAME"), "true"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("listener.service.cn_as_username"), "{err}");
+        // An empty value (as an empty environment variable gives) is unset.
+        let cfg = load_env(&[(&key("CERT_FILE"), ""), (&key("KEY_FILE"), "")]).unwrap();
+        assert_eq!(cfg.listener.service.files().unwrap(), None);
+        // A disabled listener's files are not checked.
+        load_env(&[(&key("ENABLED"), "false"), (&key("CERT_FILE"), "/c.pem")]).unwrap();
+
+        let cfg = load_env(&[
+            (&key("CERT_FILE"), "/c.pem"),
+            (&key("KEY_FILE"), "/k.pem"),
+            (&key("CA_FILE"), "/ca.pem"),
+            (&key("CN_AS_USERNAME"), "true"),
+        ])
+        .unwrap();
+        assert_eq!(
+            cfg.listener.service.files().unwrap(),
+            Some(TlsFiles {
+                cert_file: "/c.pem".into(),
+                key_file: "/k.pem".into(),
+                ca_file: Some("/ca.pem".into()),
+                cn_as_username: true,
+            })
+        );
+        let err = env_error("ACTIMQ__LISTENER__SERVICE__CERT", "/c.pem");
+        assert!(err.contains("cert"), "unknown key: {err}");
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //! to the driver of the thread that created it), runs the listener's handshakes there
 //! (TLS, then the WebSocket upgrade, as [`Transport`] says; both together bounded by
 //! `mqtt.connect_timeout_secs`), and gives the resulting byte stream to the gateway,
-//! which starts the session actor there. Every transport ends in the same
-//! `Gateway::accept`: one `MqttSession` and one codec for all of them.
+//! which starts the session actor there. Every MQTT transport ends in the same
+//! `Gateway::accept`: one `MqttSession` and one codec for all of them. The service
+//! listener ends in `Service::accept` (a `ServerSession`), over plain TCP or, with a
+//! certificate, after the same TLS handshake as the `tls` listener.
 //!
 //! Back-pressure: a connection holds a slot of its listener and one of the node
 //! (`listener.max_connections`) from accept to close, handshakes included, so
@@ -90,11 +92,13 @@ pub(crate) enum Transport {
     },
     /// Not MQTT: the service protocol, served by a `ServerSession`.
     Service,
+    /// The service protocol behind a TLS handshake; `cn` as for [`Transport::Tls`].
+    ServiceTls { acceptor: TlsAcceptor, cn: bool },
 }
 
 /// One bound listener and what its accept loop needs.
 pub(crate) struct Listener {
-    /// Names the listener in logs (`tcp`, `ws`, `tls`, `wss`).
+    /// Names the listener in logs (`tcp`, `ws`, `tls`, `wss`, `service`).
     pub name: &'static str,
     /// The handshakes of this listener.
     pub transport: Transport,
@@ -242,6 +246,11 @@ async fn serve(
     match transport {
         Transport::Tcp => gateway.accept(stream, peer),
         Transport::Service => service.accept(stream, peer),
+        Transport::ServiceTls { acceptor, cn } => {
+            if let Some((tls, info)) = tls_handshake(&acceptor, stream, peer, cn, &log).await {
+                service.accept_with(tls, peer, info);
+            }
+        }
         Transport::Ws(settings) => match ws::accept(stream, &settings).await {
             Ok(io) => gateway.accept(io, peer),
             Err(e) => upgrade_failed(&log, peer, e),
@@ -264,7 +273,7 @@ async fn serve(
 }
 
 /// The TLS handshake; `None` (logged) if it failed. With `cn`, the verified client
-/// certificate's Common Name becomes the session's username.
+/// certificate's Common Name becomes the session's username (MQTT or service).
 async fn tls_handshake(
     acceptor: &TlsAcceptor,
     stream: Limited<TcpStream>,

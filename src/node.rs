@@ -109,12 +109,20 @@ fn plan_listeners(config: &Config) -> Result<Vec<ListenerPlan>, NodeError> {
         });
     }
     if l.service.enabled {
+        // TLS only when it has a certificate: no plaintext on a TLS port.
+        let transport = match l.service.files()? {
+            Some(files) => Transport::ServiceTls {
+                acceptor: acceptor("service", &files)?,
+                cn: files.cn_as_username,
+            },
+            None => Transport::Service,
+        };
         plans.push(ListenerPlan {
             name: "service",
             addr: l.service.bind,
             max_connections: l.service.max_connections,
             max_connection_rate: l.service.max_connection_rate,
-            transport: Transport::Service,
+            transport,
         });
     }
     Ok(plans)
@@ -181,7 +189,7 @@ pub enum NodeError {
     /// A TLS listener's certificate, key or CA could not be loaded.
     #[error("cannot set up TLS for listener.{listener}: {source}")]
     Tls {
-        /// Which listener: `tls` or `wss`.
+        /// Which listener: `tls`, `wss` or `service`.
         listener: &'static str,
         /// What was wrong (names the file).
         source: TlsError,
@@ -431,7 +439,11 @@ impl NodeBuilder {
                 refused: 0,
             };
             // Tests and the CLI test read the real port from this line.
-            info!(log, "listening"; "listener" => listener.name, "addr" => %addr);
+            let tls = matches!(
+                listener.transport,
+                Transport::Tls { .. } | Transport::Wss { .. } | Transport::ServiceTls { .. }
+            );
+            info!(log, "listening"; "listener" => listener.name, "addr" => %addr, "tls" => tls);
             accept_loops.push(actix_rt::spawn(listener.run(shutdown_rx.clone())));
             let slot = match plan.name {
                 "tcp" => &mut addrs.tcp,

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::mqtt::Gateway;
+use crate::mqtt::{ConnInfo, Gateway};
 
 /// Settings of the service gateway (the `[service]` section of the config).
 #[derive(Clone, Debug)]
@@ -89,7 +89,17 @@ impl Service {
     where
         S: AsyncRead + AsyncWrite + Unpin + 'static,
     {
-        session::ServerSession::spawn(self.clone(), io, peer);
+        self.accept_with(io, peer, ConnInfo::default());
+    }
+
+    /// [`Service::accept`], with what the transport learnt about the client: a
+    /// verified TLS client certificate's CN (`cn_as_username`) is the service's user
+    /// name, which a Hello's user name does not replace.
+    pub fn accept_with<S>(&self, io: S, peer: SocketAddr, info: ConnInfo)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        session::ServerSession::spawn(self.clone(), io, peer, info);
     }
 
     /// Re-check every connection's consumer-group memberships against the

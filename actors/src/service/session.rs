@@ -17,7 +17,10 @@
 //!   an MQTT CONNECT without user name would): admitted, the connection goes on
 //!   without a Hello; refused, it is answered `LoginRequired` until a Hello succeeds.
 //!   Each produced message and each Join asks the authorization hooks ([`Authorize`]:
-//!   publish on the message's topic, subscribe to [`join_filter`]).
+//!   publish on the message's topic, subscribe to [`join_filter`]). On a TLS listener
+//!   with `cn_as_username`, the verified client certificate's CN is the user name from
+//!   the start (the hooks get it as `cert_username`) and a Hello's user name does not
+//!   replace it, as for MQTT.
 //! * **Back-pressure.** One request at a time per connection: the IO task reads the
 //!   next frame only after writing the previous answer, so a service that produces
 //!   faster than storage acknowledges is paced through TCP, and a Pull answers at most
@@ -45,7 +48,7 @@ use super::protocol::{
 };
 use super::Service;
 use crate::mqtt::hooks::{Action, AuthDecision, Authenticate, Authorize, PROTOCOL_SERVICE};
-use crate::mqtt::topic;
+use crate::mqtt::{topic, ConnInfo};
 use crate::storage::{
     Arrived, Message, MessageProps, Offset, Pull, QueueName, StorageError, Unwatch, Watch,
 };
@@ -106,8 +109,11 @@ struct Conn {
     peer: SocketAddr,
     log: slog::Logger,
     name: String,
-    /// The user name of the accepted Hello (what the ACL's `user` sections and `%u` see).
+    /// The user name the ACL's `user` sections and `%u` see: the certificate's CN when
+    /// there is one, else the accepted Hello's.
     username: Option<String>,
+    /// The verified client certificate's CN (listener with `cn_as_username`).
+    cert_username: Option<String>,
     login: Login,
     /// The [`Service::acl_epoch`] the memberships were last authorized at.
     acl_epoch: u64,
@@ -129,7 +135,7 @@ pub struct ServerSession {
 
 impl ServerSession {
     /// Start the actor and the connection's IO task on the current arbiter.
-    pub fn spawn<S>(svc: Service, io: S, peer: SocketAddr)
+    pub fn spawn<S>(svc: Service, io: S, peer: SocketAddr, info: ConnInfo)
     where
         S: AsyncRead + AsyncWrite + Unpin + 'static,
     {
@@ -147,7 +153,8 @@ impl ServerSession {
                 peer,
                 log: log.clone(),
                 name: format!("service-{member}"),
-                username: None,
+                username: info.cert_username.clone(),
+                cert_username: info.cert_username,
                 login: Login::Pending,
                 acl_epoch,
                 member,
@@ -263,7 +270,9 @@ where
                 let Ok(resp) = addr.send(Incoming(req)).await else {
                     break;
                 };
-                if io.write_all(&encode_frame(&resp)).await.is_err() {
+                // Flushed: a TLS stream may keep what it could not send yet.
+                let frame = encode_frame(&resp);
+                if io.write_all(&frame).await.is_err() || io.flush().await.is_err() {
                     break;
                 }
                 if let Response::Error { code, .. } = resp {
@@ -280,6 +289,7 @@ where
             Err(e) => {
                 slog::info!(log, "bad service frame; closing the connection"; "error" => %e);
                 let _ = io.write_all(&error_frame(&e)).await;
+                let _ = io.flush().await;
                 let _ = io.shutdown().await;
                 break;
             }
@@ -335,7 +345,7 @@ async fn authenticate(
             username,
             password: password.map(Bytes::from),
             peer: conn.peer,
-            cert_username: None,
+            cert_username: conn.cert_username.clone(),
             protocol: PROTOCOL_SERVICE,
         })
         .await
@@ -416,7 +426,8 @@ async fn hello(
         return login_refused(id, code, username.is_some());
     }
     conn.name = name;
-    conn.username = username;
+    // A certificate's CN stays the user name (Mosquitto's use_identity_as_username).
+    conn.username = conn.cert_username.clone().or(username);
     conn.login = Login::Done;
     Response::HelloOk {
         id,
