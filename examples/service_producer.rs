@@ -5,7 +5,11 @@
 //! # defaults: 127.0.0.1:9883 home/room1/cmd 10 1
 //! ```
 //!
-//! On a node that wants a login, set `ACTIMQ_USERNAME` and `ACTIMQ_PASSWORD`.
+//! On a node that wants a login, set `ACTIMQ_USERNAME` and `ACTIMQ_PASSWORD`. On a
+//! service listener with TLS, set `ACTIMQ_CA_FILE` to the CA's PEM file: the example
+//! then connects over TLS and expects a server certificate for ADDR's IP address
+//! (`ACTIMQ_TLS_SERVER_NAME` names another, e.g. `localhost`); `ACTIMQ_CERT_FILE` and
+//! `ACTIMQ_KEY_FILE` add a client certificate (mutual TLS).
 //!
 //! Devices subscribed to a matching filter receive the messages (at QoS 1, min their
 //! subscription's); consumer groups on the first-level topic read them. With COUNT
@@ -13,12 +17,14 @@
 
 use std::time::Instant;
 
-use actimq::client::{message, Credentials, ProduceMessageExt, Producer, ProducerOptions, Props};
+use actimq::client::{
+    message, Credentials, ProduceMessageExt, Producer, ProducerOptions, Props, TlsOptions,
+};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let addr = args
+    let addr: std::net::SocketAddr = args
         .first()
         .map_or("127.0.0.1:9883", String::as_str)
         .parse()?;
@@ -28,7 +34,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "home/room1/cmd".into());
     let count: usize = args.get(2).map_or(Ok(10), |s| s.parse())?;
     let batch: usize = args.get(3).map_or(Ok(1), |s| s.parse())?.max(1);
-    let opts = ProducerOptions::new("example-producer").credentials(Credentials::from_env());
+    let mut opts = ProducerOptions::new("example-producer").credentials(Credentials::from_env());
+    if let Some(tls) = TlsOptions::from_env(&addr.ip().to_string())? {
+        opts = opts.tls(tls);
+    }
     let mut producer = Producer::connect_with(addr, opts).await?;
     let start = Instant::now();
     let mut sent = 0;

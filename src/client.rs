@@ -11,10 +11,17 @@
 //! [`ErrorCode::BadCredentials`] (or `RateLimited`, `Unavailable`), and a message or
 //! Join the ACL refuses is [`ErrorCode::NotAuthorized`].
 //!
+//! Connections are plain TCP unless the options carry [`TlsOptions`] (for a node whose
+//! `[listener.service]` has a certificate): the client then trusts the given CA,
+//! checks that the server's certificate names the given server name (a DNS name or an
+//! IP address), and may present a client certificate (mutual TLS; with
+//! `cn_as_username` its CN is the service's user name). TLS is rustls through
+//! tokio-rustls, with the aws-lc-rs provider, TLS 1.2 and 1.3.
+//!
 //! ```no_run
 //! # async fn demo(addr: std::net::SocketAddr) -> Result<(), actimq::client::ClientError> {
 //! use actimq::client::{message, Consumer, ConsumerOptions, ProduceMessageExt, Producer};
-//! use actimq::client::{Credentials, ProducerOptions};
+//! use actimq::client::{Credentials, ProducerOptions, TlsOptions};
 //! let mut p = Producer::connect(addr, "billing").await?;
 //! p.send(message("home/room1/cmd", b"on".to_vec()).qos(1)).await?;
 //! let mut c = Consumer::connect(addr, "analytics", "home").await?;
@@ -24,17 +31,27 @@
 //! let login = Credentials::new("billing", "s3cret");
 //! let opts = ProducerOptions::new("billing").credentials(login.clone());
 //! let mut p = Producer::connect_with(addr, opts).await?;
-//! let opts = ConsumerOptions::new("analytics", "home").credentials(login);
+//! let opts = ConsumerOptions::new("analytics", "home").credentials(login.clone());
 //! let mut c = Consumer::connect_with(addr, opts).await?;
+//! // Over TLS, trusting the CA in ca.crt, to a server certificate for 127.0.0.1:
+//! let tls = TlsOptions::from_ca_file("ca.crt", "127.0.0.1")?;
+//! let opts = ProducerOptions::new("billing").credentials(login).tls(tls);
+//! let mut p = Producer::connect_with(addr, opts).await?;
 //! # Ok(()) }
 //! ```
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
 
 use actimq_actors::service::protocol::{
     decode_body, encode_frame, Request, Response, HARD_MAX_FRAME,
@@ -58,6 +75,10 @@ pub enum ClientError {
     /// The server answered something this client did not expect.
     #[error("unexpected answer: {0}")]
     Protocol(String),
+    /// The TLS settings could not be built (a CA, certificate or key that does not
+    /// load, a bad server name).
+    #[error("TLS setup: {0}")]
+    Tls(String),
 }
 
 /// What a client logs in with (the `Hello`'s user name and password). The default is
@@ -99,6 +120,147 @@ impl std::fmt::Debug for Credentials {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .finish()
+    }
+}
+
+/// TLS for a service connection: the CA the server's certificate must chain to, the
+/// name that certificate must carry, and optionally a client certificate (mutual TLS).
+/// Cheap to clone (the rustls configuration is shared).
+#[derive(Clone)]
+pub struct TlsOptions {
+    /// The CAs the server's certificate must chain to.
+    roots: Arc<RootCertStore>,
+    /// What the server's certificate must name (a DNS name or an IP address).
+    server_name: ServerName<'static>,
+    /// Whether `config` presents a client certificate.
+    client_cert: bool,
+    /// The rustls client configuration built from the above.
+    config: Arc<ClientConfig>,
+}
+
+fn tls_error(what: &str, e: impl std::fmt::Display) -> ClientError {
+    ClientError::Tls(format!("{what}: {e}"))
+}
+
+/// The certificates of PEM text; none is an error.
+fn pem_certificates(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, ClientError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_error(what, e))?;
+    if certs.is_empty() {
+        return Err(tls_error(what, "holds no PEM CERTIFICATE block"));
+    }
+    Ok(certs)
+}
+
+fn read_file(what: &str, path: &Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path).map_err(|e| tls_error(&format!("{what} {}", path.display()), e))
+}
+
+impl TlsOptions {
+    /// Trust the CA certificates in `ca_pem` (PEM text) and expect a server certificate
+    /// for `server_name`: a DNS name (`broker.example.com`) or an IP address
+    /// (`127.0.0.1`), as in the certificate's subject alternative names.
+    pub fn new(ca_pem: &[u8], server_name: &str) -> Result<TlsOptions, ClientError> {
+        let mut roots = RootCertStore::empty();
+        for ca in pem_certificates("CA", ca_pem)? {
+            roots.add(ca).map_err(|e| tls_error("CA", e))?;
+        }
+        let server_name = ServerName::try_from(server_name.to_string())
+            .map_err(|e| tls_error(&format!("server name {server_name:?}"), e))?;
+        let roots = Arc::new(roots);
+        let config = Arc::new(client_config(roots.clone(), None)?);
+        Ok(TlsOptions {
+            roots,
+            server_name,
+            client_cert: false,
+            config,
+        })
+    }
+
+    /// [`TlsOptions::new`] with the CA certificates read from a PEM file.
+    pub fn from_ca_file(
+        ca_file: impl AsRef<Path>,
+        server_name: &str,
+    ) -> Result<TlsOptions, ClientError> {
+        TlsOptions::new(&read_file("CA file", ca_file.as_ref())?, server_name)
+    }
+
+    /// Present the certificate chain `cert_pem` (leaf first) with its private key
+    /// `key_pem` (PKCS#8, PKCS#1 or SEC1), for a listener with `ca_file`.
+    pub fn client_cert(self, cert_pem: &[u8], key_pem: &[u8]) -> Result<TlsOptions, ClientError> {
+        let chain = pem_certificates("client certificate", cert_pem)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| tls_error("client key", e))?;
+        let config = Arc::new(client_config(self.roots.clone(), Some((chain, key)))?);
+        Ok(TlsOptions {
+            client_cert: true,
+            config,
+            ..self
+        })
+    }
+
+    /// [`TlsOptions::client_cert`] with both read from PEM files.
+    pub fn client_cert_files(
+        self,
+        cert_file: impl AsRef<Path>,
+        key_file: impl AsRef<Path>,
+    ) -> Result<TlsOptions, ClientError> {
+        let cert = read_file("client certificate file", cert_file.as_ref())?;
+        let key = read_file("client key file", key_file.as_ref())?;
+        self.client_cert(&cert, &key)
+    }
+
+    /// From the environment, as the examples take them: `ACTIMQ_CA_FILE` (unset or
+    /// empty: `None`, plain TCP); `ACTIMQ_TLS_SERVER_NAME` (default
+    /// `default_server_name`, e.g. the IP address connected to); and, for mutual TLS,
+    /// `ACTIMQ_CERT_FILE` with `ACTIMQ_KEY_FILE` (one without the other is an error).
+    pub fn from_env(default_server_name: &str) -> Result<Option<TlsOptions>, ClientError> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let Some(ca_file) = var("ACTIMQ_CA_FILE") else {
+            return Ok(None);
+        };
+        let name = var("ACTIMQ_TLS_SERVER_NAME").unwrap_or_else(|| default_server_name.into());
+        let tls = TlsOptions::from_ca_file(ca_file, &name)?;
+        match (var("ACTIMQ_CERT_FILE"), var("ACTIMQ_KEY_FILE")) {
+            (None, None) => Ok(Some(tls)),
+            (Some(cert), Some(key)) => tls.client_cert_files(cert, key).map(Some),
+            _ => Err(ClientError::Tls(
+                "ACTIMQ_CERT_FILE and ACTIMQ_KEY_FILE go together".into(),
+            )),
+        }
+    }
+
+    /// The name the server's certificate must carry.
+    pub fn server_name(&self) -> String {
+        self.server_name.to_str().into_owned()
+    }
+}
+
+impl std::fmt::Debug for TlsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsOptions")
+            .field("server_name", &self.server_name)
+            .field("client_cert", &self.client_cert)
+            .finish_non_exhaustive()
+    }
+}
+
+/// TLS 1.2 and 1.3 with the aws-lc-rs provider's safe defaults (the node's too),
+/// trusting `roots`, presenting `client` if given.
+fn client_config(
+    roots: Arc<RootCertStore>,
+    client: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error("protocol versions", e))?
+        .with_root_certificates(roots);
+    match client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| tls_error("client certificate", e)),
     }
 }
 
@@ -162,24 +324,62 @@ impl ProduceMessageExt for ProduceMessage {
     }
 }
 
+/// The byte stream of a connection: a `TcpStream`, or TLS over one.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
+
+/// Why a connection could not be opened.
+enum OpenError {
+    /// TCP failed, or the server closed or broke the connection: worth a retry.
+    Io(std::io::Error),
+    /// The TLS handshake failed on what the server sent (untrusted certificate, wrong
+    /// name, not TLS): a retry would fail the same way.
+    Tls(std::io::Error),
+}
+
 /// One connection: frames out, frames in, one request at a time.
 struct Conn {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr) -> std::io::Result<Conn> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        Ok(Conn { stream })
+    async fn open(addr: SocketAddr, tls: Option<&TlsOptions>) -> Result<Conn, OpenError> {
+        let stream = TcpStream::connect(addr).await.map_err(OpenError::Io)?;
+        stream.set_nodelay(true).map_err(OpenError::Io)?;
+        let Some(tls) = tls else {
+            return Ok(Conn {
+                stream: Box::new(stream),
+            });
+        };
+        let connector = TlsConnector::from(tls.config.clone());
+        match connector.connect(tls.server_name.clone(), stream).await {
+            Ok(stream) => Ok(Conn {
+                stream: Box::new(stream),
+            }),
+            // tokio-rustls reports TLS errors (certificate, alert, garbage) this way.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(OpenError::Tls(e)),
+            Err(e) => Err(OpenError::Io(e)),
+        }
     }
 
     async fn call(&mut self, req: &Request) -> std::io::Result<Response> {
         self.stream.write_all(&encode_frame(req)).await?;
-        let len = self.stream.read_u32().await? as usize;
-        if len > HARD_MAX_FRAME {
+        // TLS may hold back what the socket did not take yet.
+        self.stream.flush().await?;
+        let len = self.stream.read_u32().await?;
+        if len as usize > HARD_MAX_FRAME {
+            // A TLS record (an alert, 0x15, or a handshake, 0x16, of version 3.x) where
+            // a frame was expected: a plain client on a TLS listener.
+            let [kind, major, ..] = len.to_be_bytes();
+            if matches!(kind, 0x15 | 0x16) && major == 3 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "the server answered with TLS: connect with TlsOptions",
+                ));
+            }
             return Err(std::io::Error::other(format!("frame of {len} bytes")));
         }
+        let len = len as usize;
         let mut buf = vec![0u8; len];
         self.stream.read_exact(&mut buf).await?;
         decode_body(&buf).map_err(|e| std::io::Error::other(e.to_string()))
@@ -195,17 +395,24 @@ struct Link {
     addr: SocketAddr,
     name: String,
     credentials: Credentials,
+    tls: Option<TlsOptions>,
     conn: Option<Conn>,
     next_id: u64,
     partitions: u32,
 }
 
 impl Link {
-    fn new(addr: SocketAddr, name: String, credentials: Credentials) -> Link {
+    fn new(
+        addr: SocketAddr,
+        name: String,
+        credentials: Credentials,
+        tls: Option<TlsOptions>,
+    ) -> Link {
         Link {
             addr,
             name,
             credentials,
+            tls,
             conn: None,
             next_id: 0,
             partitions: 0,
@@ -224,7 +431,7 @@ impl Link {
             if attempt > 0 {
                 tokio::time::sleep(RECONNECT_PAUSE).await;
             }
-            match Conn::open(self.addr).await {
+            match Conn::open(self.addr, self.tls.as_ref()).await {
                 Ok(mut c) => {
                     let id = self.id();
                     let hello = Request::Hello {
@@ -240,10 +447,26 @@ impl Link {
                             return Ok(());
                         }
                         Ok(other) => return Err(unexpected(other)),
+                        // A TLS failure, which would come again: with TLS 1.3 the server
+                        // checks a client certificate after the client's handshake
+                        // ended, and its refusal (an alert) comes here; without TLS,
+                        // a TLS listener's alert comes here.
+                        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                            return Err(ClientError::Io {
+                                addr: self.addr,
+                                source: e,
+                            })
+                        }
                         Err(e) => last = Some(e),
                     }
                 }
-                Err(e) => last = Some(e),
+                Err(OpenError::Io(e)) => last = Some(e),
+                Err(OpenError::Tls(e)) => {
+                    return Err(ClientError::Io {
+                        addr: self.addr,
+                        source: e,
+                    })
+                }
             }
         }
         Err(ClientError::Io {
@@ -286,6 +509,8 @@ pub struct ProducerOptions {
     pub name: String,
     /// What the producer logs in with.
     pub credentials: Credentials,
+    /// TLS settings; `None` (the default) connects over plain TCP.
+    pub tls: Option<TlsOptions>,
 }
 
 impl ProducerOptions {
@@ -294,12 +519,19 @@ impl ProducerOptions {
         ProducerOptions {
             name: name.into(),
             credentials: Credentials::default(),
+            tls: None,
         }
     }
 
     /// Log in with `credentials`.
     pub fn credentials(mut self, credentials: Credentials) -> ProducerOptions {
         self.credentials = credentials;
+        self
+    }
+
+    /// Connect over TLS (to a service listener with a certificate).
+    pub fn tls(mut self, tls: TlsOptions) -> ProducerOptions {
+        self.tls = Some(tls);
         self
     }
 }
@@ -321,7 +553,7 @@ impl Producer {
         addr: SocketAddr,
         opts: ProducerOptions,
     ) -> Result<Producer, ClientError> {
-        let mut link = Link::new(addr, opts.name, opts.credentials);
+        let mut link = Link::new(addr, opts.name, opts.credentials, opts.tls);
         link.connect().await?;
         Ok(Producer { link })
     }
@@ -379,6 +611,8 @@ pub struct ConsumerOptions {
     pub name: String,
     /// What the consumer logs in with.
     pub credentials: Credentials,
+    /// TLS settings; `None` (the default) connects over plain TCP.
+    pub tls: Option<TlsOptions>,
 }
 
 impl ConsumerOptions {
@@ -392,6 +626,7 @@ impl ConsumerOptions {
             topic: topic.into(),
             start: StartAt::Earliest,
             credentials: Credentials::default(),
+            tls: None,
         }
     }
 
@@ -410,6 +645,12 @@ impl ConsumerOptions {
     /// Log in with `credentials`.
     pub fn credentials(mut self, credentials: Credentials) -> ConsumerOptions {
         self.credentials = credentials;
+        self
+    }
+
+    /// Connect over TLS (to a service listener with a certificate).
+    pub fn tls(mut self, tls: TlsOptions) -> ConsumerOptions {
+        self.tls = Some(tls);
         self
     }
 }
@@ -439,7 +680,12 @@ impl Consumer {
         opts: ConsumerOptions,
     ) -> Result<Consumer, ClientError> {
         let mut c = Consumer {
-            link: Link::new(addr, opts.name.clone(), opts.credentials.clone()),
+            link: Link::new(
+                addr,
+                opts.name.clone(),
+                opts.credentials.clone(),
+                opts.tls.clone(),
+            ),
             opts,
             owned: Vec::new(),
             joined: false,
