@@ -461,6 +461,52 @@ async fn retention_deletes_old_segments_and_moves_min_offsets() {
     s.shutdown().await;
 }
 
+#[actix_rt::test]
+async fn retention_frees_the_disk_blocks_of_dead_index_entries() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cap = Capture::default();
+    let mut c = cfg(dir.path());
+    c.segment_bytes = 64 * 1024;
+    c.retention_bytes = Some(128 * 1024);
+    let q = QueueName::topic("dead", 0);
+    let s = Storage::open(c.clone(), cap.logger()).await.unwrap();
+    let q2 = q.clone();
+    append_n(&s, 0..20_000, 16, move |_| vec![q2.clone()]).await;
+    s.shutdown().await;
+    // Reopened, every entry is in the index file: 20,000 × 20 bytes.
+    let s = Storage::open(c.clone(), cap.logger()).await.unwrap();
+    let idx = std::fs::read_dir(dir.path().join("index"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "idx"))
+        .expect("the queue's index file");
+    let before = std::fs::metadata(&idx).unwrap();
+    assert!(before.len() >= 400_000, "{}", before.len());
+    s.run_retention().await.unwrap();
+    let b = s.bounds(q.clone()).await.unwrap();
+    assert!(b.min_offset > 15_000, "{b:?}");
+    let after = std::fs::metadata(&idx).unwrap();
+    // Same length and offsets; the dead prefix no longer takes disk blocks.
+    assert_eq!(after.len(), before.len());
+    let live = (b.max_offset - b.min_offset) * 20;
+    assert!(
+        after.blocks() * 512 < live + 64 * 1024,
+        "{} bytes allocated for {live} live bytes (was {})",
+        after.blocks() * 512,
+        before.blocks() * 512
+    );
+    let kept = pull_all(&s, &q).await;
+    assert_eq!(kept.len() as u64, b.max_offset - b.min_offset);
+    assert_eq!(kept[0].offset, b.min_offset);
+    s.shutdown().await;
+    // After a reopen the punched entries read as dead: same bounds, same messages.
+    let s = Storage::open(c, cap.logger()).await.unwrap();
+    assert_eq!(s.bounds(q.clone()).await.unwrap(), b);
+    assert_eq!(pull_all(&s, &q).await.len(), kept.len());
+    s.shutdown().await;
+}
+
 fn count_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())

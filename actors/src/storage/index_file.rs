@@ -7,7 +7,9 @@
 //! entries: [position u64 | size u32 | tag u64] * n     (all little endian, 20 bytes each)
 //! ```
 //! Entry `i` is the queue's offset `base_offset + i`. Entries are only ever appended; a
-//! partial entry at the end (torn write) is ignored and overwritten.
+//! partial entry at the end (torn write) is ignored and overwritten. Entries whose
+//! records retention deleted may be punched out ([`punch_hole`]): they then read as
+//! zeros (position 0) and take no disk space.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -132,6 +134,36 @@ pub fn candidate_path(index_dir: &Path, hash: u64, n: u32) -> PathBuf {
     } else {
         index_dir.join(format!("{hash:016x}-{n}.idx"))
     }
+}
+
+/// Free the disk blocks of `len` bytes at `offset` of `f`, keeping its length (the range
+/// reads as zeros afterwards). Linux `fallocate(PUNCH_HOLE)`; elsewhere, or on a
+/// filesystem without it, an error.
+#[cfg(target_os = "linux")]
+pub fn punch_hole(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(std::io::Error::other("range too large"));
+    };
+    // SAFETY: the fd is valid for the lifetime of `f`; fallocate reads only its arguments.
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn punch_hole(_f: &File, _offset: u64, _len: u64) -> std::io::Result<()> {
+    Err(std::io::Error::other("hole punching is Linux-only here"))
 }
 
 #[cfg(test)]

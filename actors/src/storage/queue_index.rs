@@ -51,6 +51,8 @@ pub const INDEX_MAILBOX: usize = 1024;
 pub const MAX_PULL: usize = 8192;
 /// A queue with more unwritten entries than this is written out early (if durable).
 const MEM_FLUSH_ENTRIES: usize = 16 * 1024;
+/// Dead index entries (below the log start) freed at a time: 64 KiB of a file.
+const PUNCH_MIN_ENTRIES: u64 = 64 * 1024 / ENTRY_LEN as u64;
 /// How many `{hash}-{n}.idx` names are tried for hash collisions.
 const MAX_CANDIDATES: u32 = 64;
 
@@ -273,6 +275,8 @@ struct QueueState {
     min_offset: Offset,
     /// The log start `min_offset` was computed for.
     min_checked: Position,
+    /// The file's entries below this offset have had their disk blocks freed.
+    punched: Offset,
     last_position: Option<Position>,
     last_used: Instant,
 }
@@ -399,6 +403,7 @@ impl QueueIndex {
             mem_start: 0,
             min_offset: 0,
             min_checked: 0,
+            punched: 0,
             last_position: None,
             last_used: Instant::now(),
         };
@@ -518,6 +523,26 @@ impl QueueIndex {
         }
         st.min_offset = lo;
         st.min_checked = log_start;
+        // Index files only grow; give the disk blocks of the dead prefix back (the file
+        // keeps its length and offsets, the holes read as zeros: position 0, below any
+        // log start, which is what the search above expects of dead entries). The last
+        // entry of the file is kept: a reload reads it as the queue's last position.
+        let dead_end = lo.min(st.file_end().saturating_sub(1));
+        let from = st.punched.max(st.base);
+        if st.file_exists && dead_end >= from.saturating_add(PUNCH_MIN_ENTRIES) {
+            let path = index_file::candidate_path(&self.index_dir, st.key.0, st.key.1);
+            let f = self.files.get(st.key, &path, false)?;
+            let start = st.header_len;
+            let len = (dead_end - st.base) * ENTRY_LEN as u64;
+            match index_file::punch_hole(f, start, len) {
+                Ok(()) => st.punched = dead_end,
+                Err(e) => {
+                    // Not supported by this filesystem: keep the blocks, stop trying.
+                    slog::debug!(self.log, "cannot free dead index entries"; "error" => %e);
+                    st.punched = u64::MAX;
+                }
+            }
+        }
         Ok(())
     }
 
