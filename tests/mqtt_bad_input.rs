@@ -344,6 +344,13 @@ async fn mqtt_3_8_3_4_subscribe_with_qos_3_closes_v3() {
 }
 
 #[tokio::test]
+async fn mqtt_3_8_3_4_subscribe_with_reserved_qos_bits_closes_v3() {
+    // QoS 1 with bit 2 set (0x05), in the second filter: the codec would mask it to 1.
+    let bad = subscribe_packet(false, 1, &[("a/b", 0), ("c/d", 0x05)], &Props::new());
+    bad_connection(|_| {}, v3(), &bad).await;
+}
+
+#[tokio::test]
 async fn mqtt5_3_8_3_5_subscription_options_reserved_bits_are_malformed() {
     let bad = subscribe_packet(true, 1, &[("a/b", 0xC1)], &Props::new());
     let r = bad_connection(|_| {}, v5(), &bad).await;

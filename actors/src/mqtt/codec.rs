@@ -215,6 +215,7 @@ impl Decoder for MqttDecoder {
                     }
                 },
                 State::V3(c) => {
+                    v3_subscribe_reserved_bits(src)?;
                     let Some((p, len)) = c.decode(src).map_err(refusal(Proto::V3(4)))? else {
                         return Ok(None);
                     };
@@ -246,6 +247,54 @@ fn no_body(bodiless: bool, remaining_length: u32) -> Result<(), DecodeFailure> {
             refuse: None,
             io: false,
         });
+    }
+    Ok(())
+}
+
+/// MQTT-3.8.3-4 (3.1.1): the six upper bits of each Requested QoS byte are reserved,
+/// and a SUBSCRIBE with any of them set is malformed (close the connection).
+/// rmqtt-codec masks them away, so the raw packet is checked first, once it is whole in
+/// `src` (an incomplete or otherwise malformed one is left to the codec to report).
+/// (v5 has its own option bits, which the v5 codec checks.)
+fn v3_subscribe_reserved_bits(src: &[u8]) -> Result<(), DecodeFailure> {
+    if src.first().map(|b| b >> 4) != Some(8) {
+        return Ok(());
+    }
+    // Remaining Length: a variable byte integer of at most four bytes.
+    let (mut len, mut shift, mut at) = (0usize, 0u32, 1usize);
+    loop {
+        let Some(&b) = src.get(at) else {
+            return Ok(());
+        };
+        len |= ((b & 0x7F) as usize) << shift;
+        at += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+        if shift > 21 {
+            return Ok(());
+        }
+    }
+    let Some(body) = src.get(at..at.saturating_add(len)) else {
+        return Ok(());
+    };
+    // Packet Identifier, then (length-prefixed filter, Requested QoS) pairs.
+    let mut i = 2;
+    while let Some(n) = body.get(i..i + 2) {
+        i += 2 + u16::from_be_bytes([n[0], n[1]]) as usize;
+        match body.get(i) {
+            Some(q) if q & 0xFC != 0 => {
+                return Err(DecodeFailure {
+                    reason: 0x81,
+                    message: format!("SUBSCRIBE options byte {q:#04x} has reserved bits set"),
+                    refuse: None,
+                    io: false,
+                })
+            }
+            Some(_) => i += 1,
+            None => break,
+        }
     }
     Ok(())
 }
