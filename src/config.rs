@@ -309,6 +309,10 @@ pub struct ServiceSection {
 }
 
 /// `[listener]`: the sockets clients connect to.
+///
+/// The listener sections below repeat their common keys (bind, TLS files, limits)
+/// instead of sharing a `#[serde(flatten)]`ed struct: serde does not support
+/// `deny_unknown_fields` together with `flatten`, and a misspelt key must stop start-up.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerSection {
