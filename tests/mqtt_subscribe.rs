@@ -204,6 +204,59 @@ async fn mqtt5_4_8_2_shared_subscription_splits_messages_between_members() {
 }
 
 #[tokio::test]
+async fn mqtt5_4_8_2_one_publisher_on_one_topic_is_spread_over_the_members() {
+    // The publisher's route cache must not pin a shared group to the member that was
+    // chosen for its first message.
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path());
+    let addr = node.mqtt_addr();
+    let (mut a, _) = Raw::connect_ok(addr, &ConnectOpts::v5("rr-a", true)).await;
+    let (mut b, _) = Raw::connect_ok(addr, &ConnectOpts::v5("rr-b", true)).await;
+    assert_eq!(a.subscribe(1, &[("$share/g/rr/t", 1)]).await, vec![1]);
+    assert_eq!(b.subscribe(1, &[("$share/g/rr/t", 1)]).await, vec![1]);
+    let (mut publ, _) = Raw::connect_ok(addr, &ConnectOpts::v5("rr-pub", true)).await;
+    let n = 40u16;
+    for i in 0..n {
+        // QoS 1, each acknowledged before the next: one message per batch.
+        publ.publish("rr/t", 1, false, i + 1, &i.to_be_bytes())
+            .await;
+    }
+    // And a burst in one write: many messages of one batch.
+    let mut burst = Vec::new();
+    for i in n..2 * n {
+        burst.extend(publish_packet(
+            true,
+            "rr/t",
+            0,
+            false,
+            false,
+            0,
+            &Props::new(),
+            &i.to_be_bytes(),
+        ));
+    }
+    publ.send(&burst).await;
+    let (ga, gb) = tokio::join!(a.drain_publishes(QUIET), b.drain_publishes(QUIET));
+    assert_eq!(
+        ga.len() + gb.len(),
+        2 * n as usize,
+        "each message to one member"
+    );
+    let split = |got: &[PublishPkt], lo: u16, hi: u16| {
+        got.iter()
+            .filter(|p| (lo..hi).contains(&u16::from_be_bytes([p.payload[0], p.payload[1]])))
+            .count()
+    };
+    for (lo, hi) in [(0, n), (n, 2 * n)] {
+        let (na, nb) = (split(&ga, lo, hi), split(&gb, lo, hi));
+        assert!(
+            na >= 10 && nb >= 10,
+            "messages {lo}..{hi} split {na} / {nb} between the members"
+        );
+    }
+}
+
+#[tokio::test]
 async fn mqtt5_4_8_2_invalid_shared_subscription_filters_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let node = node(dir.path());

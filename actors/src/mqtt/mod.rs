@@ -307,10 +307,10 @@ impl Gateway {
         let routes = futures::future::join_all(asks).await;
         let mut appends = Vec::with_capacity(n);
         for ((message, _), route) in items.into_iter().zip(routes) {
-            let Ok(mut queues) = route else {
+            let Ok(mut routed) = route else {
                 return (0..n).map(|_| Err(PublishError::Closed)).collect();
             };
-            let queues = queues.pop().unwrap_or_default();
+            let queues = routed.pop().map(|r| r.queues).unwrap_or_default();
             if message.retain && self.inner.cfg.retain_available {
                 let set = self
                     .inner

@@ -1064,44 +1064,57 @@ impl MqttSession {
             self.extra().routes.clear();
             self.extra().routes_epoch = epoch;
         }
+        // Each message's route: from the cache, or asked of its shard. Routes through a
+        // shared-subscription group are never cached (the group's next member differs
+        // per message), so they are asked once per message.
+        let mut routes: Vec<Option<Arc<[QueueName]>>> = vec![None; batch.len()];
         let nshards = self.gw.inner.shards.len();
-        let mut misses: Vec<Vec<String>> = vec![Vec::new(); nshards];
+        let mut misses: Vec<(Vec<usize>, Vec<String>)> = vec![Default::default(); nshards];
         for (i, p) in batch.iter().enumerate() {
             if verdicts.get(i).copied().flatten().is_some() {
                 continue;
             }
-            if !self.extra().routes.contains_key(&p.topic) {
-                let list = &mut misses[shard_of(first_level(&p.topic), nshards)];
-                if !list.contains(&p.topic) {
-                    list.push(p.topic.clone());
+            match self.extra().routes.get(&p.topic) {
+                Some(q) => routes[i] = Some(q.clone()),
+                None => {
+                    let (idx, topics) = &mut misses[shard_of(first_level(&p.topic), nshards)];
+                    idx.push(i);
+                    topics.push(p.topic.clone());
                 }
             }
+        }
+        if misses.iter().all(|(idx, _)| idx.is_empty()) {
+            return self.append_batch(batch, verdicts, routes, ctx);
         }
         let asks: Vec<_> = misses
             .into_iter()
             .enumerate()
-            .filter(|(_, t)| !t.is_empty())
-            .map(|(i, topics)| {
+            .filter(|(_, (idx, _))| !idx.is_empty())
+            .map(|(i, (idx, topics))| {
                 let req = self.gw.inner.shards[i].send(Route {
-                    topics: topics.clone(),
+                    topics,
                     key: self.client_id.clone(),
                 });
-                async move { (topics, req.await) }
+                async move { (idx, req.await) }
             })
             .collect();
         let fut = futures::future::join_all(asks);
         ctx.spawn(fut.into_actor(self).map(move |answers, act, ctx| {
-            for (topics, res) in answers {
-                match res {
-                    Ok(queues) => {
-                        for (t, q) in topics.into_iter().zip(queues) {
-                            act.extra().routes.insert(t, q.into());
-                        }
+            let mut routes = routes;
+            for (idx, res) in answers {
+                let Ok(routed) = res else {
+                    return act.close(Some(0x80), true, ctx);
+                };
+                for (i, r) in idx.into_iter().zip(routed) {
+                    let queues: Arc<[QueueName]> = r.queues.into();
+                    if !r.shared {
+                        let topic = batch[i].topic.clone();
+                        act.extra().routes.insert(topic, queues.clone());
                     }
-                    Err(_) => return act.close(Some(0x80), true, ctx),
+                    routes[i] = Some(queues);
                 }
             }
-            act.append_batch(batch, verdicts, ctx);
+            act.append_batch(batch, verdicts, routes, ctx);
         }));
     }
 
@@ -1111,6 +1124,7 @@ impl MqttSession {
         &mut self,
         batch: Vec<Publish>,
         verdicts: Vec<Option<u8>>,
+        routes: Vec<Option<Arc<[QueueName]>>>,
         ctx: &mut Context<Self>,
     ) {
         let now = crate::now_ms();
@@ -1123,10 +1137,10 @@ impl MqttSession {
                 acks.push((p.qos, p.packet_id, Some(code)));
                 continue;
             }
-            let queues: Vec<QueueName> = self
-                .extra()
-                .routes
-                .get(&p.topic)
+            let queues: Vec<QueueName> = routes
+                .get(i)
+                .cloned()
+                .flatten()
                 .map(|q| q.to_vec())
                 .unwrap_or_else(|| {
                     vec![crate::mqtt::shard::topic_queue(

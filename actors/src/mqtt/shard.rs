@@ -87,10 +87,20 @@ pub struct RemoveRoute {
 /// producer's key, so that one publisher's messages stay in order) and the queue of
 /// every matching filter (one member queue per shared group).
 #[derive(Message, Debug, Clone)]
-#[rtype(result = "Vec<Vec<QueueName>>")]
+#[rtype(result = "Vec<Routed>")]
 pub struct Route {
     pub topics: Vec<String>,
     pub key: Arc<str>,
+}
+
+/// Where one message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routed {
+    pub queues: Vec<QueueName>,
+    /// A shared-subscription group matched, so `queues` holds the member whose turn it
+    /// was: ask again for the next message (a publisher may cache only unshared routes,
+    /// or one publisher's messages would all go to one member).
+    pub shared: bool,
 }
 
 /// The partition of a first-level topic queue that messages keyed `key` go to.
@@ -234,8 +244,8 @@ impl Handler<Route> for SubscriptionShard {
                 }
                 Target::Group(g, f) => groups.push((g.clone(), f.to_string())),
             });
-            for key in groups {
-                if let Some(grp) = self.groups.get_mut(&key) {
+            for key in &groups {
+                if let Some(grp) = self.groups.get_mut(key) {
                     if grp.members.is_empty() {
                         continue;
                     }
@@ -246,7 +256,10 @@ impl Handler<Route> for SubscriptionShard {
                     }
                 }
             }
-            out.push(queues);
+            out.push(Routed {
+                queues,
+                shared: !groups.is_empty(),
+            });
         }
         MessageResult(out)
     }
@@ -300,10 +313,20 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(r[0].len(), 3); // t:home, f:home/+/temp, one member of g
-        assert!(r[0].contains(&QueueName::filter("home/+/temp")));
-        assert_ne!(r[0][2], r[1][2], "round robin across the group");
-        assert_eq!(r[2], vec![QueueName::topic("other", 0)]);
+        assert_eq!(r[0].queues.len(), 3); // t:home, f:home/+/temp, one member of g
+        assert!(r[0].queues.contains(&QueueName::filter("home/+/temp")));
+        assert_ne!(
+            r[0].queues[2], r[1].queues[2],
+            "round robin across the group"
+        );
+        assert!(r[0].shared && r[1].shared);
+        assert_eq!(
+            r[2],
+            Routed {
+                queues: vec![QueueName::topic("other", 0)],
+                shared: false
+            }
+        );
         s.send(RemoveRoute {
             owner: a.clone(),
             filter: "home/+/temp".into(),
@@ -319,7 +342,7 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            r[0].contains(&QueueName::filter("home/+/temp")),
+            r[0].queues.contains(&QueueName::filter("home/+/temp")),
             "b still subscribed"
         );
         s.send(RemoveRoute {
@@ -336,6 +359,6 @@ mod tests {
             })
             .await
             .unwrap();
-        assert!(!r[0].contains(&QueueName::filter("home/+/temp")));
+        assert!(!r[0].queues.contains(&QueueName::filter("home/+/temp")));
     }
 }
