@@ -1213,6 +1213,12 @@ impl MqttSession {
                     Some(code) => (code < 0x80, code),
                     None => match results.next() {
                         Some(Ok(_)) => (true, 0),
+                        // A full disk is a quota (v5 0x97, Quota exceeded): the
+                        // commitlog logs it once, not per message.
+                        Some(Err(StorageError::NoSpace(_))) => {
+                            failed = true;
+                            (false, 0x97)
+                        }
                         Some(Err(e)) => {
                             slog::error!(act.log, "append failed"; "error" => %e);
                             failed = true;

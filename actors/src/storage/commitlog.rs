@@ -31,7 +31,10 @@
 //! ## Failure
 //! A failed write or fsync answers the affected appends with an error and puts the log in a
 //! failed state (every later append fails) until restart: after a failed fsync the page
-//! cache may no longer match the disk, and recovery is the only sound way back.
+//! cache may no longer match the disk, and recovery is the only sound way back. The one
+//! exception is a lack of space (`ENOSPC`, `EDQUOT`, `EFBIG`) on a write or a roll: the
+//! segment drops the partial write, the batch is refused with [`StorageError::NoSpace`],
+//! and later appends are tried again, so the node resumes by itself once there is room.
 //!
 //! ## Recovery ([`recover`])
 //! * The checkpoint file holds a position below which every index file entry has been
@@ -225,6 +228,9 @@ pub struct CommitLog {
     checkpoint: Position,
     checkpointing: bool,
     failed: Option<String>,
+    /// Appends refused for lack of space since the last successful write (logged at the
+    /// first one and when space is back, not once each).
+    no_space: u64,
     closing: bool,
     final_checkpoint_done: bool,
     shutdown_waiters: Vec<futures::channel::oneshot::Sender<Position>>,
@@ -295,6 +301,13 @@ impl CommitLog {
         let active_size = self.active_meta().map(|m| m.size).unwrap_or(0);
         if active_size > 0 && active_size + self.pending[0].size as u64 > seg_bytes {
             if let Err(e) = self.roll(ctx) {
+                if let Some(e) = Self::no_space(&e) {
+                    // No room for a new segment: refuse what waits, keep the log usable.
+                    self.note_no_space(e);
+                    let e = StorageError::NoSpace(e.to_string());
+                    self.fail_pending(&e);
+                    return;
+                }
                 slog::error!(self.log, "segment roll failed"; "error" => %e);
                 self.fail(e, Vec::new());
                 return;
@@ -355,6 +368,7 @@ impl CommitLog {
                     act.writing = false;
                     match res {
                         Ok(Ok(new_size)) => act.on_written(done, file, new_size, end, ctx),
+                        Ok(Err(StorageError::NoSpace(e))) => act.refuse_no_space(e, done, base),
                         Ok(Err(e)) => act.fail(e, done),
                         Err(_) => act.fail(StorageError::Closed, done),
                     }
@@ -362,6 +376,38 @@ impl CommitLog {
                     act.check_shutdown(ctx);
                 }),
         );
+    }
+
+    /// The segment refused a write for lack of space and kept nothing of it: give the
+    /// batch's positions back and answer its appends with the error. The log is not put
+    /// in the failed state (nothing on disk is in doubt): later appends are tried again,
+    /// and succeed once there is room.
+    fn refuse_no_space(&mut self, e: String, batch: Vec<Done>, base: Position) {
+        self.end = base;
+        self.inflight = self.inflight.saturating_sub(batch.len());
+        self.note_no_space(&e);
+        let err = StorageError::NoSpace(e);
+        for d in batch {
+            if let Some(tx) = d.tx {
+                tx.send(Err(err.clone()));
+            }
+        }
+    }
+
+    /// `Some(reason)` if `e` is a lack of space.
+    fn no_space(e: &StorageError) -> Option<&str> {
+        match e {
+            StorageError::NoSpace(reason) => Some(reason),
+            _ => None,
+        }
+    }
+
+    fn note_no_space(&mut self, reason: &str) {
+        if self.no_space == 0 {
+            slog::error!(self.log, "no space for the log: appends are refused until there is";
+                "error" => reason);
+        }
+        self.no_space += 1;
     }
 
     fn on_written(
@@ -374,6 +420,10 @@ impl CommitLog {
     ) {
         if let Some(m) = self.segments.get_mut(&self.active) {
             m.size = new_size;
+        }
+        if self.no_space > 0 {
+            slog::info!(self.log, "space for the log again"; "appends_refused" => self.no_space);
+            self.no_space = 0;
         }
         self.written_end = end;
         if !self.unsynced.iter().any(|f| Arc::ptr_eq(f, &file)) {
@@ -527,7 +577,7 @@ impl CommitLog {
     fn roll(&mut self, ctx: &mut Context<Self>) -> Result<(), StorageError> {
         let base = self.end;
         let path = segment_path(&self.log_dir, base);
-        let file = Arc::new(open_segment_file(&path, true)?);
+        let file = Arc::new(open_segment_file(&path, true).map_err(StorageError::from_write)?);
         if let Some(old) = self.segments.get_mut(&self.active) {
             // Rare control message; the old segment gets no more appends.
             old.addr.do_send(SegSeal);
@@ -1210,6 +1260,7 @@ pub async fn recover(p: RecoverParams) -> Result<Recovered, StorageError> {
         checkpoint: checkpoint.unwrap_or(0).min(replay_from),
         checkpointing: false,
         failed: None,
+        no_space: 0,
         closing: false,
         final_checkpoint_done: false,
         shutdown_waiters: Vec::new(),

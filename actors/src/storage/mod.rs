@@ -146,6 +146,23 @@ pub enum StorageError {
     Busy,
     #[error("message too large: {0} bytes")]
     TooLarge(usize),
+    /// The disk (or a quota, or a file size limit) is full: this append was not stored,
+    /// but the log is intact and later appends are tried again.
+    #[error("no space left to store the message: {0}")]
+    NoSpace(String),
+}
+
+impl StorageError {
+    /// A write error: `NoSpace` for a full disk, quota or file size limit (nothing of
+    /// the write is kept, so the log can go on once there is room), `Io` otherwise.
+    pub fn from_write(e: std::io::Error) -> StorageError {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => {
+                StorageError::NoSpace(e.to_string())
+            }
+            _ => StorageError::Io(e.to_string()),
+        }
+    }
 }
 
 impl From<std::io::Error> for StorageError {

@@ -113,8 +113,19 @@ impl Handler<SegAppend> for Segment {
         }
         // pwrite at our own notion of the end: no shared file cursor with readers.
         if let Err(e) = self.file.write_all_at(&msg.buf, self.size) {
-            slog::error!(self.log, "segment write failed"; "error" => %e, "at" => self.size);
-            return Err(e.into());
+            let err = StorageError::from_write(e);
+            // Drop whatever part of the batch did reach the file, so that the segment
+            // ends at its last whole record and the next write goes where this one would
+            // have (the batch is answered with the error: nothing of it is stored).
+            if let Err(t) = self.file.set_len(self.size) {
+                slog::error!(self.log, "segment write failed, and truncating it back failed";
+                    "error" => %err, "truncate_error" => %t, "at" => self.size);
+                return Err(StorageError::Io(format!("{err}; truncate: {t}")));
+            }
+            if !matches!(err, StorageError::NoSpace(_)) {
+                slog::error!(self.log, "segment write failed"; "error" => %err, "at" => self.size);
+            }
+            return Err(err);
         }
         self.size += msg.buf.len() as u64;
         Ok(self.size)
