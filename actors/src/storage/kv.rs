@@ -184,7 +184,14 @@ impl KvJournal {
 
     /// Appends encoded changes to the journal (no fsync).
     pub fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        (&*self.journal).write_all(buf)?;
+        if let Err(e) = (&*self.journal).write_all(buf) {
+            // Drop a partial write, so that the journal ends at its last whole entry and
+            // the same bytes can be written again later (the file is in append mode).
+            if let Err(t) = self.journal.set_len(self.journal_bytes) {
+                return Err(std::io::Error::other(format!("{e}; truncate: {t}")));
+            }
+            return Err(e);
+        }
         self.journal_bytes += buf.len() as u64;
         Ok(())
     }
@@ -336,6 +343,8 @@ pub struct KvStore {
     unsynced: bool,
     syncing: bool,
     failed: Option<String>,
+    /// Writes refused for lack of space since the last one that succeeded.
+    no_space: u64,
     closed: bool,
     log: Logger,
 }
@@ -361,6 +370,7 @@ impl KvStore {
             unsynced: false,
             syncing: false,
             failed: None,
+            no_space: 0,
             closed: false,
             log: log.new(o!("actor" => "kv", "store" => name.to_owned())),
         }
@@ -405,13 +415,32 @@ impl KvStore {
         let buf = std::mem::take(&mut self.buf);
         let waiters = std::mem::take(&mut self.buf_waiters);
         if let Err(e) = self.j.write(&buf) {
-            let e = StorageError::from(e);
-            slog::error!(self.log, "kv journal write failed"; "error" => %e);
-            self.failed = Some(e.to_string());
+            let e = StorageError::from_write(e);
             for w in waiters {
                 let _ = w.send(Err(e.clone()));
             }
+            if matches!(e, StorageError::NoSpace(_)) {
+                // No room (nothing of it was kept): the changes are already in the live
+                // map, so keep their bytes to be written before the next ones, and let
+                // the store go on. The callers were told it failed; it may still be
+                // stored later, which for puts and deletes of whole values is harmless.
+                if self.no_space == 0 {
+                    slog::error!(self.log, "no space for the kv journal; retrying with the next write";
+                        "error" => %e);
+                }
+                self.no_space += 1;
+                let mut again = buf;
+                again.extend_from_slice(&self.buf);
+                self.buf = again;
+                return;
+            }
+            slog::error!(self.log, "kv journal write failed"; "error" => %e);
+            self.failed = Some(e.to_string());
             return;
+        }
+        if self.no_space > 0 {
+            slog::info!(self.log, "space for the kv journal again"; "writes_refused" => self.no_space);
+            self.no_space = 0;
         }
         self.unsynced = true;
         match self.mode {

@@ -714,3 +714,20 @@ impl Storage {
         slog::info!(self.inner.log, "storage closed");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::StorageError;
+
+    #[test]
+    fn a_full_disk_quota_or_size_limit_is_no_space_and_other_errors_are_io() {
+        for errno in [libc::ENOSPC, libc::EDQUOT, libc::EFBIG] {
+            let e = StorageError::from_write(std::io::Error::from_raw_os_error(errno));
+            assert!(matches!(e, StorageError::NoSpace(_)), "{errno}: {e:?}");
+        }
+        for errno in [libc::EIO, libc::EBADF, libc::EROFS] {
+            let e = StorageError::from_write(std::io::Error::from_raw_os_error(errno));
+            assert!(matches!(e, StorageError::Io(_)), "{errno}: {e:?}");
+        }
+    }
+}

@@ -592,9 +592,14 @@ impl QueueIndex {
     fn flush_all(&mut self, upto: Position) -> Result<(), StorageError> {
         let dirty: Vec<QueueName> = self.dirty.iter().cloned().collect();
         let mut first_err = None;
+        let mut failed = 0usize;
         for q in dirty {
             if let Err(e) = self.flush_queue(&q, upto) {
-                slog::error!(self.log, "index flush failed"; "queue" => %q, "error" => %e);
+                // One line per flush, not per queue: with a full disk every queue fails.
+                if first_err.is_none() {
+                    slog::error!(self.log, "index flush failed"; "queue" => %q, "error" => %e);
+                }
+                failed += 1;
                 first_err.get_or_insert(e);
                 continue;
             }
@@ -605,7 +610,12 @@ impl QueueIndex {
             }
         }
         match first_err {
-            Some(e) => Err(e),
+            Some(e) => {
+                if failed > 1 {
+                    slog::error!(self.log, "index flush failed for more queues"; "queues" => failed);
+                }
+                Err(e)
+            }
             None => Ok(()),
         }
     }
