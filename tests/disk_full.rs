@@ -14,25 +14,17 @@ mod process;
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use process::{clear_actimq_env, NodeProcess, BIN};
+use process::{node_command, NodeProcess};
 
 /// The file size limit: the active segment reaches it after about 120 of our messages.
 const LIMIT: u64 = 2 << 20;
 const PAYLOAD: usize = 16 * 1024;
 
 fn start(data_dir: &Path, limit: Option<u64>) -> (NodeProcess, std::net::SocketAddr) {
-    let mut cmd = Command::new(BIN);
-    clear_actimq_env(&mut cmd);
-    cmd.env("ACTIMQ__NODE__DATA_DIR", data_dir)
-        .env("ACTIMQ__NODE__IO_THREADS", "2")
-        .env("ACTIMQ__LISTENER__TCP__BIND", "127.0.0.1:0")
-        .env("ACTIMQ__LISTENER__WS__ENABLED", "false")
-        .env("ACTIMQ__LISTENER__SERVICE__ENABLED", "false")
-        .env("ACTIMQ__LOG__LEVEL", "info");
+    let mut cmd = node_command(data_dir);
     if let Some(limit) = limit {
         // SAFETY: between fork and exec only async-signal-safe calls (setrlimit,
         // signal) are made, on the child's own process.

@@ -9,7 +9,7 @@ use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 use actimq_actors::storage::{Pull, QueueName, Storage};
-use process::{clear_actimq_env, NodeProcess, BIN};
+use process::{clear_actimq_env, node_command, NodeProcess, BIN};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 /// Run the binary to completion with `args` and extra environment `env`.
@@ -81,15 +81,7 @@ fn missing_config_file_is_named() {
 
 /// A node process on a temporary data dir; answers it and its MQTT address.
 fn start(data_dir: &Path) -> (NodeProcess, SocketAddr) {
-    let mut cmd = Command::new(BIN);
-    clear_actimq_env(&mut cmd);
-    cmd.env("ACTIMQ__NODE__DATA_DIR", data_dir)
-        .env("ACTIMQ__NODE__IO_THREADS", "2")
-        .env("ACTIMQ__LISTENER__TCP__BIND", "127.0.0.1:0")
-        .env("ACTIMQ__LISTENER__WS__ENABLED", "false")
-        .env("ACTIMQ__LISTENER__SERVICE__ENABLED", "false")
-        .env("ACTIMQ__LOG__LEVEL", "info");
-    let node = NodeProcess::spawn(cmd, &[]);
+    let node = NodeProcess::spawn(node_command(data_dir), &[]);
     let addr = node.tcp_addr(Duration::from_secs(60));
     (node, addr)
 }

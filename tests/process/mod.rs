@@ -8,8 +8,9 @@
 //!   from actimq's "listening" log line ([`NodeProcess::tcp_addr`]), waits for a line
 //!   containing a substring ([`NodeProcess::wait_for`]), sends signals with `kill(2)`,
 //!   waits for the exit, and kills the process on drop;
-//! * [`BIN`], the `actimq` binary, and [`clear_actimq_env`], which keeps the caller's own
-//!   `ACTIMQ__*` settings out of a command;
+//! * [`BIN`], the `actimq` binary, [`clear_actimq_env`], which keeps the caller's own
+//!   `ACTIMQ__*` settings out of a command, and [`node_command`], a command for a node
+//!   on a data directory with only MQTT over TCP on a free loopback port;
 //! * [`parse_addr`], the address in a slog-term line.
 #![allow(dead_code)]
 
@@ -40,6 +41,21 @@ pub fn clear_actimq_env(cmd: &mut Command) {
             cmd.env_remove(k);
         }
     }
+}
+
+/// A command that runs the `actimq` binary on `data_dir` with only MQTT over TCP, on
+/// `127.0.0.1:0`, two IO threads and `info` logs (the "listening" line names the port),
+/// free of the caller's own `ACTIMQ__*` settings. Add settings with more `env` calls.
+pub fn node_command(data_dir: &std::path::Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    clear_actimq_env(&mut cmd);
+    cmd.env("ACTIMQ__NODE__DATA_DIR", data_dir)
+        .env("ACTIMQ__NODE__IO_THREADS", "2")
+        .env("ACTIMQ__LISTENER__TCP__BIND", "127.0.0.1:0")
+        .env("ACTIMQ__LISTENER__WS__ENABLED", "false")
+        .env("ACTIMQ__LISTENER__SERVICE__ENABLED", "false")
+        .env("ACTIMQ__LOG__LEVEL", "info");
+    cmd
 }
 
 /// The address in a slog-term line such as `... INFO listening, addr: 127.0.0.1:4000, ...`.
