@@ -628,13 +628,7 @@ impl Raw {
     pub async fn open(addr: SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).await.expect("connect to the node");
         stream.set_nodelay(true).unwrap();
-        Raw {
-            stream,
-            buf: Vec::new(),
-            pending: VecDeque::new(),
-            closed: false,
-            v5: false,
-        }
+        Raw::from_stream(stream)
     }
 
     /// A raw client over a stream connected elsewhere (for instance with socket
