@@ -63,7 +63,7 @@ pub struct Config {
     /// The storage engine (commitlog, indexes, retention).
     pub storage: StorageSection,
     /// The MQTT gateway's protocol limits.
-    pub mqtt: MqttSection,
+    pub mqtt: MqttConfig,
     /// The service gateway (back-end producers and consumer groups).
     pub service: ServiceSection,
     /// Where clients connect.
@@ -243,52 +243,6 @@ pub struct StorageSection {
     /// Memory for decoded messages shared by fan-out readers: the largest fixed share
     /// of the node's memory, so operators size it.
     pub cache_bytes: usize,
-}
-
-/// `[mqtt]`: every [`MqttConfig`] field, with the same meaning.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MqttSection {
-    /// Bounds the memory one connection may use to buffer a packet.
-    pub max_packet_size: u32,
-    /// Inbound QoS 1/2 window advertised to v5 clients: our back-pressure on publishers.
-    pub receive_maximum: u16,
-    /// Outbound QoS 1/2 window per session: bounds what a slow subscriber holds.
-    pub max_inflight: u16,
-    /// Inbound topic aliases a v5 client may set up (memory per connection).
-    pub topic_alias_maximum: u16,
-    /// Bounds the work of matching one topic against the filter trie.
-    pub max_topic_levels: usize,
-    /// Bounds the memory of the client registry's keys.
-    pub max_client_id_len: usize,
-    /// Closes connections that never send CONNECT, which would otherwise hold a slot.
-    pub connect_timeout_secs: u64,
-    /// Lets the server impose a keep-alive so that dead clients are noticed.
-    pub max_keepalive_secs: u16,
-    /// Bounds how long an offline persistent session holds state and queues.
-    pub max_session_expiry_secs: u32,
-    /// Messages per pull: larger batches mean fewer storage round trips.
-    pub pull_batch: usize,
-    /// Bytes queued for a socket before the session stops pulling: slow-client bound.
-    pub max_write_buffer: usize,
-    /// Lets an operator turn retained messages off (advertised to v5 clients).
-    pub retain_available: bool,
-    /// Bounds the retained store; 0 means unlimited.
-    pub max_retained: usize,
-    /// Bounds one retained payload (retained messages live in memory); 0: unlimited.
-    pub max_retained_payload: usize,
-    /// Bounds the memory of all retained payloads together; 0 means unlimited.
-    pub max_retained_bytes: usize,
-    /// Bounds one client's subscriptions (trie entries and queues); 0: unlimited.
-    pub max_subscriptions: usize,
-    /// Throttles one client's PUBLISH rate (reads slow down); 0 means unlimited.
-    pub max_inbound_messages_per_sec: u32,
-    /// Throttles one client's inbound byte rate; 0 means unlimited.
-    pub max_inbound_bytes_per_sec: u32,
-    /// Subscription shard actors; more shards spread routing over more mailboxes.
-    pub subscription_shards: usize,
-    /// Some clients connect with an empty id and expect the server to assign one.
-    pub allow_empty_client_id: bool,
 }
 
 /// `[service]`: the service gateway's limits and the partitioning of topics.
@@ -837,29 +791,9 @@ impl Config {
 
     /// The MQTT gateway's settings.
     pub fn mqtt_config(&self) -> MqttConfig {
-        let m = &self.mqtt;
         MqttConfig {
-            max_packet_size: m.max_packet_size,
-            receive_maximum: m.receive_maximum,
-            max_inflight: m.max_inflight,
-            topic_alias_maximum: m.topic_alias_maximum,
-            max_topic_levels: m.max_topic_levels,
-            max_client_id_len: m.max_client_id_len,
-            connect_timeout_secs: m.connect_timeout_secs,
-            max_keepalive_secs: m.max_keepalive_secs,
-            max_session_expiry_secs: m.max_session_expiry_secs,
-            pull_batch: m.pull_batch,
-            max_write_buffer: m.max_write_buffer,
-            retain_available: m.retain_available,
-            max_retained: m.max_retained,
-            max_retained_payload: m.max_retained_payload,
-            max_retained_bytes: m.max_retained_bytes,
-            max_subscriptions: m.max_subscriptions,
-            max_inbound_messages_per_sec: m.max_inbound_messages_per_sec,
-            max_inbound_bytes_per_sec: m.max_inbound_bytes_per_sec,
-            subscription_shards: m.subscription_shards,
-            allow_empty_client_id: m.allow_empty_client_id,
             partitions: self.service.partitions,
+            ..self.mqtt.clone()
         }
     }
 

@@ -35,8 +35,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::storage::{Message, Position, Storage, StorageError};
 
-/// Settings of the MQTT gateway (the `[mqtt]` section of the config).
-#[derive(Clone, Debug)]
+/// Settings of the MQTT gateway: the `[mqtt]` section of the config, deserialised as
+/// it is (every key required, unknown keys refused), plus `partitions`, which the node
+/// takes from `[service]`.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MqttConfig {
     /// Largest packet accepted from a client, and advertised as Maximum Packet Size (v5).
     pub max_packet_size: u32,
@@ -84,9 +87,11 @@ pub struct MqttConfig {
     pub subscription_shards: usize,
     /// Allow clients to connect with an empty client id (a server id is assigned).
     pub allow_empty_client_id: bool,
-    /// Partitions (queues) of every first-level topic (`service.partitions`): a
+    /// Partitions (queues) of every first-level topic (`service.partitions`, not a key
+    /// of `[mqtt]`): a
     /// publisher's messages go to one of them by hash of its client id (or a service
     /// producer's key), and consumer groups balance them among their members.
+    #[serde(skip)]
     pub partitions: u32,
 }
 
