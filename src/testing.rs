@@ -12,6 +12,10 @@
 //! ```
 //!
 //! Set `ACTIMQ_TEST_LOG=debug` (or another level) to see the node's logs.
+//!
+//! This module is for tests only: its `expect`s fire on a test's own mistake (asking for
+//! the address of a listener the test did not enable, or a node that could not start),
+//! never on bytes from a socket or a file.
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -1124,7 +1124,7 @@ impl MqttSession {
         &mut self,
         batch: Vec<Publish>,
         verdicts: Vec<Option<u8>>,
-        routes: Vec<Option<Arc<[QueueName]>>>,
+        mut routes: Vec<Option<Arc<[QueueName]>>>,
         ctx: &mut Context<Self>,
     ) {
         let now = crate::now_ms();
@@ -1138,9 +1138,8 @@ impl MqttSession {
                 continue;
             }
             let queues: Vec<QueueName> = routes
-                .get(i)
-                .cloned()
-                .flatten()
+                .get_mut(i)
+                .and_then(Option::take)
                 .map(|q| q.to_vec())
                 .unwrap_or_else(|| {
                     vec![crate::mqtt::shard::topic_queue(
